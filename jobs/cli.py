@@ -1,0 +1,196 @@
+"""Command line: `submit FILE ...` and `prefixq {submit,worker,status,results,cancel,ls}`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", default=None, help="Redis URL (env PREFIXQ_REDIS_URL; default redis://127.0.0.1:6379/0)")
+    p.add_argument("--store", default=None, help="store URL file:///path or s3://bucket/prefix (env PREFIXQ_STORE; default file://./.prefixq/store)")
+    p.add_argument("--queue", default=None, help="queue name (env PREFIXQ_QUEUE; default prefixq)")
+
+
+def _client(a):
+    from jobs.client import Client
+    return Client(redis_url=a.redis_url, store_url=getattr(a, "store", None), queue=a.queue)
+
+
+def _add_submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help="job file: .jsonl / .parquet, or OpenAI Batch API .jsonl")
+    p.add_argument("--model", default=None, help="model (default smollm2, or env PREFIXQ_MODEL)")
+    p.add_argument("--max-tokens", type=int, default=None, help="default max_tokens for rows that set none (256)")
+    p.add_argument("--temperature", type=float, default=None, help="default temperature for rows that set none (1.0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--output-format", choices=["parquet", "jsonl"], default=None)
+    p.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
+    _common(p)
+
+
+def cmd_submit(a) -> int:
+    from jobs.formats import JobFileError
+    c = _client(a)
+    try:
+        job_id = c.submit(a.file, model=a.model, max_tokens=a.max_tokens, temperature=a.temperature,
+                          top_p=a.top_p, output_format=a.output_format, job_id=a.job_id)
+    except JobFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(job_id, flush=True)
+    if a.wait:
+        rec = c.wait(job_id, progress=True)
+        return _print_end(c, rec)
+    return 0
+
+
+def _print_end(c, rec) -> int:
+    if rec["status"] == "succeeded":
+        print(f"{rec['id']} succeeded: {rec['done']} ok, {rec['failed']} failed", file=sys.stderr)
+        print(f"results: {c.result_uri(rec['id'])}")
+        return 0
+    print(f"{rec['id']} {rec['status']}: {rec.get('error') or ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_worker(a) -> int:
+    from worker.main import run_worker
+    return run_worker(model=a.model, queue=a.queue, engine=a.engine, burst=a.burst, metrics_port=a.metrics_port,
+                      redis_url=a.redis_url, device=a.device, max_num_seqs=a.max_num_seqs,
+                      shard_rows=a.shard_rows, shard_seconds=a.shard_seconds)
+
+
+def _fmt_age(ts) -> str:
+    if not ts:
+        return "-"
+    s = time.time() - float(ts)
+    return f"{s:.0f}s" if s < 120 else (f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h")
+
+
+def cmd_status(a) -> int:
+    c = _client(a)
+    try:
+        rec = c.status(a.job_id)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if a.watch and rec["status"] not in ("succeeded", "failed", "cancelled"):
+        rec = c.wait(a.job_id, progress=True)
+    if a.json:
+        print(json.dumps(rec, indent=2, default=str))
+        return 0
+    for k in ("id", "status", "model", "total", "done", "failed", "attempts", "worker", "rows_per_s",
+              "created_at", "started_at", "finished_at", "error", "results_key"):
+        v = rec.get(k)
+        if k.endswith("_at") and v:
+            v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v)))
+        print(f"{k:12} {'' if v is None else v}")
+    for reason in rec.get("attempt_reasons", []):
+        print(f"attempt {reason.get('attempt')}: {reason.get('error')}")
+    return 0
+
+
+def cmd_results(a) -> int:
+    c = _client(a)
+    try:
+        path = c.results(a.job_id, a.output)
+    except (KeyError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_cancel(a) -> int:
+    c = _client(a)
+    try:
+        ok = c.cancel(a.job_id)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{a.job_id}: {'cancelling' if ok else 'already finished'}")
+    return 0 if ok else 1
+
+
+def cmd_ls(a) -> int:
+    c = _client(a)
+    print(f"{'ID':26} {'STATUS':10} {'PROGRESS':>14} {'ROWS/S':>8} {'AGE':>6}")
+    for rec in c.list(a.limit):
+        prog = f"{rec.get('done', 0) + rec.get('failed', 0)}/{rec.get('total', 0)}"
+        print(f"{rec['id']:26} {rec['status']:10} {prog:>14} {rec.get('rows_per_s') or 0:>8.2f} {_fmt_age(rec.get('created_at')):>6}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prefixq", description="Batch LLM inference over Redis and S3-compatible storage")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("submit", help="validate, upload and enqueue a job file; prints the job id")
+    _add_submit_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("worker", help="run a worker: load the model once, take jobs one after another")
+    p.add_argument("--model", default=None)
+    p.add_argument("--engine", choices=["paged", "hf", "auto"], default=os.environ.get("PREFIXQ_ENGINE", "auto"),
+                   help="paged (default when available) or hf (transformers generate baseline)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("PREFIXQ_METRICS_PORT", "9090")),
+                   help="Prometheus port (0 disables)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
+    p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")
+    _common(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="show a job's state")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--watch", action="store_true", help="live progress bar until the job ends")
+    _common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("results", help="download a job's results")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", default=None, help="output file (default ./<id>-results.<ext>)")
+    _common(p)
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("cancel", help="cancel a queued or running job")
+    p.add_argument("job_id")
+    _common(p)
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("ls", help="list recent jobs")
+    p.add_argument("--limit", type=int, default=20)
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+    return ap
+
+
+def _logging():
+    logging.basicConfig(level=os.environ.get("PREFIXQ_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv=None) -> int:
+    _logging()
+    a = build_parser().parse_args(argv)
+    return a.func(a)
+
+
+def submit_main(argv=None) -> int:
+    _logging()
+    ap = argparse.ArgumentParser(prog="submit", description="Validate, upload and enqueue a prefixq job file")
+    _add_submit_args(ap)
+    return cmd_submit(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

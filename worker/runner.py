@@ -1,0 +1,346 @@
+"""Running one job inside the worker process (rq calls `run_job(job_id)`).
+
+Rows stream from the input file in windows; each window is tokenized, passed
+through the ordering hook `order_rows(rows) -> rows` (worker.prefix_order when
+importable, else identity), and fed to the engine so up to `max_inflight` rows
+are in flight (continuous batching needs work queued). Finished rows go to
+result shards committed every N rows / M seconds; the final results are
+assembled in input order from the committed shards.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+from jobs import formats, state
+from storage import open_store
+from worker import results as res
+
+log = logging.getLogger("prefixq.worker")
+
+try:  # the radix-tree orderer lives in its own module (another engineer's)
+    from worker.prefix_order import order_rows as _order_rows
+except Exception:  # noqa: BLE001
+    _order_rows = None
+
+JOB_DEFAULTS = {"max_tokens": 256, "temperature": 1.0}
+
+
+@dataclass
+class PreparedRow:
+    """A tokenized row. Supports attribute and item access (row.prompt_token_ids / row['prompt_token_ids'])."""
+    index: int
+    custom_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams | None
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, k):
+        return getattr(self, k)
+
+    def get(self, k, default=None):
+        return getattr(self, k, default)
+
+
+def order_rows(rows: list[PreparedRow]) -> list[PreparedRow]:
+    """The ordering hook. Falls back to input order if the orderer fails or returns a non-permutation."""
+    if _order_rows is None or len(rows) < 2:
+        return rows
+    try:
+        out = list(_order_rows(rows))
+    except Exception:  # noqa: BLE001
+        log.exception("order_rows failed; keeping input order")
+        return rows
+    if len(out) != len(rows) or {id(r) for r in out} != {id(r) for r in rows}:
+        log.warning("order_rows returned a non-permutation; keeping input order")
+        return rows
+    return out
+
+
+@dataclass
+class WorkerContext:
+    engine: object
+    engine_kind: str
+    model: str
+    redis: object  # decode_responses=True connection
+    metrics: object | None = None
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    window: int = 256
+    max_inflight: int = 64
+    shard_rows: int = 256
+    shard_seconds: float = 10.0
+    progress_seconds: float = 1.0
+    heartbeat_seconds: float = 5.0
+    rq_worker: object | None = None
+
+
+_CTX: WorkerContext | None = None
+
+
+def set_context(ctx: WorkerContext | None) -> None:
+    global _CTX
+    _CTX = ctx
+
+
+def run_job(job_id: str) -> dict:
+    """rq entry point (JSON-serialized args: just the job id)."""
+    if _CTX is None:
+        raise RuntimeError("run_job must run inside `prefixq worker` (no engine loaded)")
+    return JobRunner(_CTX, job_id).run()
+
+
+class Cancelled(Exception):
+    pass
+
+
+class JobRunner:
+    def __init__(self, ctx: WorkerContext, job_id: str):
+        self.ctx, self.job_id = ctx, state.validate_job_id(job_id)
+        self.r = ctx.redis
+        self.prefix = state.job_prefix(job_id)
+        self._stop_hb = threading.Event()
+
+    # -- heartbeat ---------------------------------------------------------------
+    def _heartbeat_loop(self):
+        rq_job = None
+        try:
+            from rq import get_current_job
+            rq_job = get_current_job()
+        except Exception:  # noqa: BLE001
+            pass
+        while not self._stop_hb.is_set():
+            try:
+                self.r.set(state.heartbeat_key(self.job_id), self.ctx.name, ex=max(30, int(self.ctx.heartbeat_seconds * 6)))
+                self.r.hset(state.job_key(self.job_id), "heartbeat_at", time.time())
+                w = self.ctx.rq_worker
+                if w is not None and rq_job is not None and getattr(w, "execution", None) is not None:
+                    w.maintain_heartbeats(rq_job, w.execution)  # keep rq from declaring the job abandoned
+            except Exception as e:  # noqa: BLE001 - a Redis blip must not kill the job
+                log.warning("heartbeat failed for %s: %s", self.job_id, e)
+            self._stop_hb.wait(self.ctx.heartbeat_seconds)
+
+    # -- main ----------------------------------------------------------------------
+    def run(self) -> dict:
+        rec = state.get(self.r, self.job_id)
+        if rec is None:
+            raise RuntimeError(f"job {self.job_id} has no record in Redis")
+        if rec["status"] in state.TERMINAL:
+            log.info("job %s is %s; skipping", self.job_id, rec["status"])
+            return {"status": rec["status"]}
+        attempt = int(rec.get("attempts", 0)) + 1
+        state.set_status(self.r, self.job_id, "running", started_at=time.time(), attempts=attempt,
+                         worker=self.ctx.name, error="")
+        hb = threading.Thread(target=self._heartbeat_loop, name=f"hb-{self.job_id}", daemon=True)
+        hb.start()
+        tmpdir = tempfile.mkdtemp(prefix="prefixq-job-")
+        try:
+            result = self._run(rec, attempt, tmpdir)
+            return result
+        except Cancelled:
+            log.info("job %s cancelled", self.job_id)
+            state.set_status(self.r, self.job_id, "cancelled", error="cancelled by user")
+            return {"status": "cancelled"}
+        except Exception as e:  # noqa: BLE001 - a job failure never takes the worker down
+            log.exception("job %s failed", self.job_id)
+            msg = f"{type(e).__name__}: {e}"
+            state.add_attempt_reason(self.r, self.job_id, {"attempt": attempt, "worker": self.ctx.name,
+                                                           "at": time.time(), "error": msg[:2000]})
+            state.set_status(self.r, self.job_id, "failed", error=msg[:2000])
+            raise
+        finally:
+            self._stop_hb.set()
+            hb.join(timeout=2)
+            try:
+                self.r.delete(state.heartbeat_key(self.job_id))
+            except Exception:  # noqa: BLE001
+                pass
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _cancelled(self) -> bool:
+        v = self.r.hget(state.job_key(self.job_id), "cancel_requested")
+        return v not in (None, "", "0")
+
+    def _prepare(self, row: dict, settings: dict) -> PreparedRow:
+        tok = self.ctx.engine.tokenizer
+        max_len = int(getattr(self.ctx.engine, "max_model_len", 0) or 0)
+        p = PreparedRow(row["index"], row["custom_id"], [], None)
+        try:
+            merged = dict(JOB_DEFAULTS)
+            merged.update(settings)
+            merged.update(row["params"])
+            p.params = SamplingParams(**merged)
+        except (ValueError, TypeError) as e:
+            p.error = str(e)
+            return p
+        try:
+            if row.get("messages") is not None:
+                text = tok.apply_chat_template(row["messages"], tokenize=False, add_generation_prompt=True)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tok(row["prompt"])["input_ids"]
+        except Exception as e:  # noqa: BLE001
+            p.error = f"cannot tokenize prompt: {e}"
+            return p
+        p.prompt_token_ids = list(ids)
+        if not ids:
+            p.error = "prompt is empty (0 tokens)"
+        elif max_len and len(ids) >= max_len:
+            p.error = f"prompt is {len(ids)} tokens, longer than the model's context of {max_len} tokens"
+        elif max_len and len(ids) + p.params.max_tokens > max_len:
+            p.params.max_tokens = max_len - len(ids)  # finishes with 'length' at the context end
+        return p
+
+    def _run(self, rec: dict, attempt: int, tmpdir: str) -> dict:
+        ctx, eng = self.ctx, self.ctx.engine
+        t_start = time.time()
+        store = open_store(rec.get("store_url") or None)
+        ext_in = rec["input_format"]
+        local = os.path.join(tmpdir, "input." + ("parquet" if ext_in == "parquet" else "jsonl"))
+        store.get_file(rec["input_key"], local)
+        total = int(rec["total"])
+        out_ext = rec["output_format"]
+        settings = rec.get("settings") or {}
+        if isinstance(settings, str):
+            settings = json.loads(settings)
+
+        committed = res.load_commits(store, self.prefix, total)
+        writer = res.ShardWriter(store, self.prefix, out_ext, committed.next_seq, attempt, ctx.name,
+                                 ctx.shard_rows, ctx.shard_seconds)
+        done, failed = committed.ok, committed.failed
+        state.update(self.r, self.job_id, done=done, failed=failed)
+        if committed.count():
+            log.info("job %s: resuming, %d rows already committed", self.job_id, committed.count())
+        stats0 = dict(eng.stats())
+        rows_iter = (r for r in formats.iter_rows(local, ext_in, rec.get("kind")) if not committed.done[r["index"]])
+        ready: deque[PreparedRow] = deque()
+        exhausted = False
+        inflight: dict[str, tuple[PreparedRow, float]] = {}
+        last_progress = time.monotonic()
+        new_rows = 0
+        t_rows = time.monotonic()
+
+        def finish(p: PreparedRow, text, reason, ptoks, ctoks, err, latency_s):
+            nonlocal done, failed, new_rows
+            writer.add({"row": p.index, "custom_id": p.custom_id, "text": text, "finish_reason": reason,
+                        "prompt_tokens": ptoks, "completion_tokens": ctoks, "error": err,
+                        "latency_ms": round(latency_s * 1000.0, 3)})
+            if reason == "error":
+                failed += 1
+            else:
+                done += 1
+            new_rows += 1
+
+        while True:
+            # refill the ready queue one window at a time, through the ordering hook
+            if not exhausted and len(ready) < ctx.max_inflight:
+                window = []
+                for row in rows_iter:
+                    window.append(self._prepare(row, settings))
+                    if len(window) >= ctx.window:
+                        break
+                else:
+                    exhausted = True
+                good = []
+                for p in window:
+                    if p.error:
+                        finish(p, "", "error", len(p.prompt_token_ids), 0, p.error, 0.0)
+                        if ctx.metrics:
+                            ctx.metrics.rows_failed.inc()
+                    else:
+                        good.append(p)
+                ready.extend(order_rows(good))
+            # keep the engine fed
+            while ready and len(inflight) < ctx.max_inflight:
+                p = ready.popleft()
+                rid = str(p.index)
+                inflight[rid] = (p, time.monotonic())
+                eng.add_request(rid, p.prompt_token_ids, p.params)
+            if not inflight and not ready and exhausted:
+                break
+            if inflight:
+                for out in eng.step():
+                    item = inflight.pop(out.request_id, None)
+                    if item is None:
+                        continue
+                    p, t0 = item
+                    lat = time.monotonic() - t0
+                    reason = out.finish_reason or ("length" if out.finished else "error")
+                    if reason not in ("stop", "length", "error"):
+                        reason = "stop"
+                    err = out.error if reason == "error" else None
+                    if reason == "error" and not err:
+                        err = "engine error"
+                    finish(p, out.text or "", reason, len(out.prompt_token_ids or p.prompt_token_ids),
+                           len(out.token_ids or []), err, lat)
+                    if ctx.metrics:
+                        ctx.metrics.observe_output(out, lat)
+            if writer.due():
+                writer.flush()
+            now = time.monotonic()
+            if now - last_progress >= ctx.progress_seconds:
+                last_progress = now
+                if self._cancelled():
+                    for rid in list(inflight):
+                        eng.abort(rid)
+                    inflight.clear()
+                    writer.flush()
+                    raise Cancelled()
+                rps = new_rows / max(1e-6, now - t_rows)
+                state.update(self.r, self.job_id, done=done, failed=failed, rows_per_s=round(rps, 3))
+                if ctx.metrics:
+                    ctx.metrics.observe_engine(eng.stats(), stats0)
+        writer.flush()
+        if self._cancelled():
+            raise Cancelled()
+
+        # assemble the final results in input order (write-once)
+        rows = res.assemble(store, self.prefix, total, out_ext)
+        stats = dict(eng.stats())
+        if ctx.metrics:
+            ctx.metrics.observe_engine(stats, stats0)
+        delta = {k: (v - stats0.get(k, 0)) if isinstance(v, (int, float)) and k != "kv_usage" else v
+                 for k, v in stats.items()}
+        if rec.get("kind") == "openai":
+            endpoints = {r["index"]: r["endpoint"] for r in formats.iter_rows(local, ext_in, "openai")
+                         if r["endpoint"] != "/v1/chat/completions"}
+            res.write_openai(store, rec["results_key"], rec["errors_key"], rows, endpoints, rec["model"], int(t_start))
+        else:
+            res.write_native(store, rec["results_key"], rows, out_ext)
+        n_ok = sum(1 for r in rows if r["finish_reason"] != "error")
+        n_fail = total - n_ok
+        pt = sum(r["prompt_tokens"] or 0 for r in rows if r["finish_reason"] != "error")
+        ct = sum(r["completion_tokens"] or 0 for r in rows)
+        elapsed = time.time() - t_start
+        hit = (delta.get("cached_tokens", 0) / delta["prompt_tokens"]) if delta.get("prompt_tokens") else 0.0
+        manifest = {
+            "job_id": self.job_id, "status": "succeeded", "model": rec["model"], "engine": ctx.engine_kind,
+            "input": rec["input_key"], "input_format": ext_in, "kind": rec.get("kind"),
+            "results": rec["results_key"], "errors": rec.get("errors_key") or None,
+            "output_format": out_ext, "settings": {**JOB_DEFAULTS, **settings},
+            "counts": {"total": total, "succeeded": n_ok, "failed": n_fail},
+            "tokens": {"prompt": pt, "completion": ct},
+            "timings": {"created_at": rec.get("created_at"), "started_at": t_start, "finished_at": time.time(),
+                        "run_seconds": round(elapsed, 3),
+                        "rows_per_s": round(new_rows / elapsed, 3) if elapsed > 0 else None,
+                        "output_tokens_per_s": round(ct / elapsed, 3) if elapsed > 0 else None},
+            "attempts": attempt, "worker": ctx.name,
+            "prefix_cache_hit_rate": round(hit, 6),
+            "engine_stats": {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in delta.items()},
+            "shards": len(res.load_commits(store, self.prefix, total).records),
+        }
+        store.put_bytes(rec["manifest_key"], json.dumps(manifest, indent=2).encode())
+        state.set_status(self.r, self.job_id, "succeeded", done=n_ok, failed=n_fail, error="",
+                         rows_per_s=manifest["timings"]["rows_per_s"] or 0)
+        log.info("job %s succeeded: %d ok, %d failed, %.1fs", self.job_id, n_ok, n_fail, elapsed)
+        return {"status": "succeeded", "ok": n_ok, "failed": n_fail}
