@@ -1,0 +1,150 @@
+"""Adaptive speculation length: choose k per request per step so speculation never costs
+more than it gives.
+
+Per request we estimate a, the per-draft-token acceptance probability. With k drafts, a step
+emits E(k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens in expectation. Verifying
+sum(k_i + 1) tokens costs step_cost(sum(k_i + 1)) relative to a plain decode step; decode is
+memory-bound (flat cost) until the batch of tokens makes it compute-bound (cost grows
+linearly), which is why speculation pays at batch 1 and loses at batch 256.
+
+Marginal gain of request i's j-th draft is a_i^j (decreasing in j), so for any total token
+budget the best allocation takes the largest marginal gains across the batch; we scan budgets
+and keep the one with the highest tokens per unit cost. k = 0 for everyone when nothing beats
+plain decoding.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Callable
+
+StepCost = Callable[[int], float]
+
+
+@dataclass
+class StepCostModel:
+    """Default cost of one forward over n tokens, in units of a small-batch decode step:
+    flat (weights read once) up to `knee_tokens`, then linear; plus a per-token overhead
+    (sampling, KV writes, attention over the context, proposer work)."""
+    knee_tokens: int = 256
+    per_token: float = 0.002
+
+    def __call__(self, n: int) -> float:
+        return max(1.0, n / self.knee_tokens) + self.per_token * n
+
+
+@dataclass
+class StepCostTable:
+    """Measured (num_tokens, seconds) points from the engine, linearly interpolated and
+    extrapolated linearly past the last point."""
+    points: list[tuple[int, float]]
+
+    def __post_init__(self) -> None:
+        self.points = sorted(self.points)
+        if not self.points:
+            raise ValueError("StepCostTable needs at least one point")
+
+    def __call__(self, n: int) -> float:
+        xs = [p[0] for p in self.points]
+        ys = [p[1] for p in self.points]
+        if len(xs) == 1 or n <= xs[0]:
+            return ys[0] if len(xs) == 1 else ys[0]
+        i = bisect.bisect_left(xs, n)
+        if i >= len(xs):
+            i = len(xs) - 1
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n - x0) / max(1, x1 - x0)
+
+
+@dataclass
+class SpecStats:
+    """Counters for metrics (per job and global). Prometheus/manifest read these."""
+    steps: int = 0          # (request, step) verifications that carried >= 1 draft
+    proposed: int = 0       # draft tokens verified
+    accepted: int = 0       # draft tokens accepted
+    emitted: int = 0        # tokens emitted by those verifications (accepted + 1 each)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Mean tokens emitted per speculative step (vLLM's 'mean acceptance length')."""
+        return self.emitted / self.steps if self.steps else 0.0
+
+    def add(self, proposed: int, accepted: int) -> None:
+        if proposed > 0:
+            self.steps += 1
+            self.proposed += proposed
+            self.accepted += accepted
+            self.emitted += accepted + 1
+
+
+@dataclass
+class _Acc:
+    acc: float = 0.0     # EMA of accepted draft tokens
+    trials: float = 0.0  # EMA of acceptance trials (accepted + 1 if a rejection happened)
+
+
+@dataclass
+class SpecController:
+    max_k: int = 5
+    step_cost: StepCost = field(default_factory=StepCostModel)
+    decay: float = 0.8            # EMA decay per recorded step
+    prior: float = 0.5            # acceptance assumed before evidence
+    prior_weight: float = 2.0     # in trials
+    min_gain: float = 1.02        # speculate only if >= 2% more tokens per unit cost
+    stats: SpecStats = field(default_factory=SpecStats)
+    job_stats: dict[str, SpecStats] = field(default_factory=dict)
+    _acc: dict[str, _Acc] = field(default_factory=dict)
+
+    def acceptance(self, request_id: str) -> float:
+        s = self._acc.get(request_id)
+        a = self.prior if s is None else (s.acc + self.prior * self.prior_weight) / (s.trials + self.prior_weight)
+        return min(a, 0.99)
+
+    def choose_k(self, request_ids: list[str], max_k: list[int] | None = None) -> list[int]:
+        """k per request for this step. `max_k` caps per request (room left before
+        max_tokens / max_model_len, proposer limits)."""
+        B = len(request_ids)
+        if B == 0:
+            return []
+        caps = [min(self.max_k, m) for m in max_k] if max_k is not None else [self.max_k] * B
+        gains: list[tuple[float, int]] = []  # (marginal expected tokens, request index)
+        for i, rid in enumerate(request_ids):
+            a, g = self.acceptance(rid), 1.0
+            for _ in range(max(0, caps[i])):
+                g *= a
+                gains.append((g, i))
+        gains.sort(key=lambda t: -t[0])
+        base = B / self.step_cost(B)
+        best_m, best_rate, tokens = 0, base, float(B)
+        for m, (g, _) in enumerate(gains, start=1):
+            tokens += g
+            rate = tokens / self.step_cost(B + m)
+            if rate > best_rate:
+                best_m, best_rate = m, rate
+        k = [0] * B
+        if best_rate < base * self.min_gain:
+            return k
+        for g, i in gains[:best_m]:
+            k[i] += 1
+        return k
+
+    def record(self, request_id: str, proposed: int, accepted: int, job_id: str | None = None) -> None:
+        """After verification: `proposed` drafts were verified, `accepted` of them passed."""
+        if proposed <= 0:
+            return  # no evidence (k = 0 or the proposer found nothing)
+        s = self._acc.setdefault(request_id, _Acc())
+        # Per-token acceptance is a geometric trial: accepted successes, plus one failure if
+        # it stopped early. accepted/proposed would understate a for larger k.
+        trials = accepted + (1 if accepted < proposed else 0)
+        s.acc = self.decay * s.acc + accepted
+        s.trials = self.decay * s.trials + trials
+        self.stats.add(proposed, accepted)
+        if job_id is not None:
+            self.job_stats.setdefault(job_id, SpecStats()).add(proposed, accepted)
+
+    def forget(self, request_id: str) -> None:
+        self._acc.pop(request_id, None)

@@ -1,0 +1,98 @@
+"""Prompt-lookup n-gram proposer (vLLM's `--speculative-method ngram`, prompt_lookup_min/max).
+
+For n from max_n down to min_n: find the latest *earlier* occurrence of the last n tokens
+of the history and propose the tokens that followed it. Each request keeps an incremental
+index (per n: n-gram -> latest end position), so a step costs O(new tokens * #n), not
+O(history).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class _NgramIndex:
+    min_n: int
+    max_n: int
+    tokens: list[int] = field(default_factory=list)
+    # tables[n - min_n]: n-gram -> end index e of its latest occurrence that has a follower
+    # (e + 1 < len(tokens)); the trailing n-gram itself is never indexed, so a lookup of the
+    # suffix always finds an *earlier* occurrence.
+    tables: list[dict[tuple[int, ...], int]] = field(default_factory=list)
+    indexed_to: int = 0  # end positions < indexed_to are in the tables
+
+    def __post_init__(self) -> None:
+        self.tables = [{} for _ in range(self.max_n - self.min_n + 1)]
+
+    def sync(self, history: list[int]) -> None:
+        t = self.tokens
+        if len(history) < len(t) or (t and history[len(t) - 1] != t[-1]):
+            self.tokens, self.indexed_to = [], 0  # history rewritten: rebuild
+            self.tables = [{} for _ in self.tables]
+            t = self.tokens
+        if len(history) > len(t):
+            t.extend(history[len(t):])
+        last = len(t) - 1  # newest token has no follower yet
+        for e in range(self.indexed_to, last):
+            for n in range(self.min_n, min(self.max_n, e + 1) + 1):
+                self.tables[n - self.min_n][tuple(t[e - n + 1:e + 1])] = e
+        self.indexed_to = max(self.indexed_to, last)
+
+    def propose(self, k: int) -> list[int]:
+        t, L = self.tokens, len(self.tokens)
+        for n in range(min(self.max_n, L), self.min_n - 1, -1):
+            e = self.tables[n - self.min_n].get(tuple(t[L - n:]))
+            if e is not None:
+                return _copy_from(t, e + 1, k)
+        return []
+
+
+def _copy_from(t: list[int], start: int, k: int) -> list[int]:
+    # Copy t[start:], continuing into the draft itself when the match overlaps the end
+    # (periodic text such as "a b a b" keeps proposing the period).
+    out: list[int] = []
+    L = len(t)
+    for i in range(k):
+        j = start + i
+        out.append(t[j] if j < L else out[j - L])
+    return out
+
+
+class NgramProposer:
+    is_deterministic = True
+
+    def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self._index: dict[str, _NgramIndex] = {}
+
+    def propose(
+        self,
+        request_ids: list[str],
+        token_ids: list[list[int]],
+        k: list[int],
+        job_ids: list[str | None] | None = None,
+    ) -> list[list[int]]:
+        out: list[list[int]] = []
+        for rid, hist, ki in zip(request_ids, token_ids, k):
+            idx = self._index.get(rid)
+            if idx is None:
+                idx = self._index[rid] = _NgramIndex(self.min_n, self.max_n)
+            idx.sync(hist)  # keep indexing even when k == 0 so later steps stay O(new)
+            out.append(idx.propose(ki) if ki > 0 else [])
+        return out
+
+    def on_finished(self, request_id: str, token_ids: list[int], job_id: str | None = None) -> None:
+        self._index.pop(request_id, None)
+
+
+def ngram_propose_reference(history: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """From-scratch O(len * n) definition, used by tests to check the incremental index."""
+    L = len(history)
+    for n in range(min(max_n, L), min_n - 1, -1):
+        suffix = history[L - n:]
+        for e in range(L - 2, n - 2, -1):  # end positions with a follower, latest first
+            if history[e - n + 1:e + 1] == suffix:
+                return _copy_from(history, e + 1, k)
+    return []

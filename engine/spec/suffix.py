@@ -1,0 +1,232 @@
+"""SuffixDecoding-style proposer (arXiv 2411.04975, `--speculative-method suffix`).
+
+Two structures answer "which tokens followed the recent context before, how often?":
+- per request: its own prompt + output (copying from the document being summarised/rewritten);
+- per job: outputs already finished by other requests of the same job (batch jobs repeat
+  JSON fields, templates, extraction formats).
+
+Both are a `SuffixIndex`: for each match length n in a fixed ladder up to `max_depth`, a map
+n-gram -> recent end positions. That is the suffix tree's node for the matched suffix (its
+occurrence list) without materialising O(len * depth) trie nodes, so appending a token costs
+O(#lengths) and memory stays O(len * #lengths). From the longest matched suffix we follow the
+most frequent continuation over the matching occurrences (the tree's heaviest child), and stop
+when the estimated probability that the whole draft is right falls below `min_prob`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+SEP = -1  # separates sequences in a job index; never matched, ends continuations
+
+DEFAULT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+
+
+@dataclass
+class Draft:
+    tokens: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)  # empirical P(token | draft so far)
+    match_len: int = 0
+
+    @property
+    def score(self) -> float:
+        # expected number of accepted tokens if the estimates were right
+        s, c = 0.0, 1.0
+        for p in self.probs:
+            c *= p
+            s += c
+        return s
+
+
+class SuffixIndex:
+    """Append-only token store with an n-gram -> occurrence-end-positions index.
+
+    Positions are absolute; `base` moves forward on eviction (`reset_to`)."""
+
+    def __init__(self, max_depth: int = 32, max_occurrences: int = 32) -> None:
+        self.lengths = tuple(n for n in DEFAULT_LENGTHS if n <= max_depth) or (1,)
+        self.max_occ = max_occurrences
+        self.tokens: list[int] = []
+        self.base = 0
+        self.tables: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.lengths}
+        self.indexed_to = 0  # absolute end positions < indexed_to are indexed
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def append(self, new_tokens: list[int], index_last: bool = False) -> None:
+        """Add tokens. The final token is indexed only when `index_last` (it has no follower
+        yet in a live request; indexing it would make the context match itself)."""
+        self.tokens.extend(new_tokens)
+        t, b = self.tokens, self.base
+        stop = b + len(t) - (0 if index_last else 1)
+        for e in range(self.indexed_to, stop):
+            i = e - b
+            if t[i] == SEP:
+                continue
+            for n in self.lengths:
+                if n > i + 1:
+                    break
+                gram = tuple(t[i - n + 1:i + 1])
+                if SEP in gram:
+                    break  # longer n-grams contain it too
+                occ = self.tables[n].setdefault(gram, [])
+                occ.append(e)
+                if len(occ) > 2 * self.max_occ:  # amortised trim, keep the most recent
+                    del occ[: len(occ) - self.max_occ]
+        self.indexed_to = max(self.indexed_to, stop)
+
+    def _tok(self, pos: int, draft: list[int], self_overlap: bool) -> int | None:
+        i = pos - self.base
+        if i < len(self.tokens):
+            t = self.tokens[i]
+            return None if t == SEP else t
+        if not self_overlap:
+            return None
+        d = i - len(self.tokens)  # continuation runs past the end into the draft itself
+        return draft[d] if d < len(draft) else None
+
+    def match(
+        self,
+        context: list[int],
+        k: int,
+        min_prob: float,
+        spec_factor: float,
+        self_overlap: bool = False,
+    ) -> Draft:
+        if k <= 0:
+            return Draft()
+        occ: list[int] | None = None
+        n_match = 0
+        for n in reversed(self.lengths):
+            if n <= len(context):
+                occ = self.tables[n].get(tuple(context[len(context) - n:]))
+                if occ:
+                    n_match = n
+                    break
+        if not occ:
+            return Draft()
+        # A short match is weak evidence whatever its counts say: cap the draft by it.
+        k = min(k, max(1, int(spec_factor * n_match)))
+        alive = occ[-self.max_occ:]
+        draft, probs, cum = [], [], 1.0
+        for i in range(k):
+            counts: dict[int, int] = {}
+            for e in alive:
+                tok = self._tok(e + 1 + i, draft, self_overlap)
+                if tok is not None:
+                    counts[tok] = counts.get(tok, 0) + 1
+            if not counts:
+                break
+            tok, c = max(counts.items(), key=lambda kv: kv[1])
+            p = c / len(alive)  # occurrences that ended count as "stop" mass
+            cum *= p
+            if cum < min_prob:
+                break
+            draft.append(tok)
+            probs.append(p)
+            alive = [e for e in alive if self._tok(e + 1 + i, draft[:-1], self_overlap) == tok]
+        return Draft(draft, probs, n_match)
+
+
+class _JobIndex:
+    """Outputs of one job, capped at `max_tokens`; oldest outputs are evicted by rebuilding
+    from the kept ones (amortised O(#lengths) per token since we evict down to 3/4 cap)."""
+
+    def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
+        self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
+        self.seqs: deque[list[int]] = deque()
+        self.size = 0
+        self.index = SuffixIndex(max_depth, max_occ)
+
+    def add(self, output: list[int]) -> None:
+        output = list(output[-self.max_tokens:])
+        if not output:
+            return
+        self.seqs.append(output)
+        self.size += len(output) + 1
+        if self.size > self.max_tokens:
+            while self.seqs and self.size > (3 * self.max_tokens) // 4:
+                self.size -= len(self.seqs.popleft()) + 1
+            self.index = SuffixIndex(self.max_depth, self.max_occ)
+            for s in self.seqs:
+                self.index.append(s + [SEP], index_last=True)
+        else:
+            self.index.append(output + [SEP], index_last=True)
+
+
+class SuffixProposer:
+    is_deterministic = True
+
+    def __init__(
+        self,
+        max_depth: int = 32,
+        min_prob: float = 0.1,
+        spec_factor: float = 1.0,
+        max_occurrences: int = 32,
+        max_job_tokens: int = 65536,
+        max_jobs: int = 64,
+    ) -> None:
+        self.max_depth, self.min_prob, self.spec_factor = max_depth, min_prob, spec_factor
+        self.max_occ, self.max_job_tokens, self.max_jobs = max_occurrences, max_job_tokens, max_jobs
+        self._req: dict[str, SuffixIndex] = {}
+        self._jobs: OrderedDict[str, _JobIndex] = OrderedDict()  # LRU over jobs
+
+    def _sync(self, rid: str, hist: list[int]) -> SuffixIndex:
+        idx = self._req.get(rid)
+        if idx is not None and (len(hist) < len(idx) or (len(idx) and hist[len(idx) - 1] != idx.tokens[-1])):
+            idx = None  # history rewritten: rebuild
+        if idx is None:
+            idx = self._req[rid] = SuffixIndex(self.max_depth, self.max_occ)
+        if len(hist) > len(idx):
+            idx.append(hist[len(idx):])
+        return idx
+
+    def propose_drafts(
+        self,
+        request_ids: list[str],
+        token_ids: list[list[int]],
+        k: list[int],
+        job_ids: list[str | None] | None = None,
+    ) -> list[Draft]:
+        out: list[Draft] = []
+        for i, (rid, hist, ki) in enumerate(zip(request_ids, token_ids, k)):
+            idx = self._sync(rid, hist)
+            if ki <= 0:
+                out.append(Draft())
+                continue
+            ctx = hist[-self.max_depth:]
+            best = idx.match(ctx, ki, self.min_prob, self.spec_factor, self_overlap=True)
+            jid = job_ids[i] if job_ids else None
+            job = self._jobs.get(jid) if jid is not None else None
+            if job is not None:
+                self._jobs.move_to_end(jid)
+                d = job.index.match(ctx, ki, self.min_prob, self.spec_factor)
+                if (d.score, d.match_len) > (best.score, best.match_len):
+                    best = d
+            out.append(best)
+        return out
+
+    def propose(
+        self,
+        request_ids: list[str],
+        token_ids: list[list[int]],
+        k: list[int],
+        job_ids: list[str | None] | None = None,
+    ) -> list[list[int]]:
+        return [d.tokens for d in self.propose_drafts(request_ids, token_ids, k, job_ids)]
+
+    def on_finished(self, request_id: str, token_ids: list[int], job_id: str | None = None) -> None:
+        self._req.pop(request_id, None)
+        if job_id is None or not token_ids:
+            return
+        job = self._jobs.get(job_id)
+        if job is None:
+            job = self._jobs[job_id] = _JobIndex(self.max_job_tokens, self.max_depth, self.max_occ)
+            while len(self._jobs) > self.max_jobs:
+                self._jobs.popitem(last=False)
+        self._jobs.move_to_end(job_id)
+        job.add(token_ids)
+
+    def drop_job(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
