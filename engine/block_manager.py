@@ -1,0 +1,206 @@
+"""Paged KV cache bookkeeping: a fixed pool of blocks, ref counts, an LRU free
+queue and, when enabled, a prefix cache keyed by chained block hashes.
+
+The GPU tensors live in the model runner; this module only hands out block ids.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass
+
+from engine.request import Request
+
+
+class KVBlock:
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "token_ids", "prev_free", "next_free")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: bytes | None = None  # set once the block is full and cached
+        self.token_ids: tuple[int, ...] | None = None  # kept to verify hits exactly
+        self.prev_free: KVBlock | None = None
+        self.next_free: KVBlock | None = None
+
+
+class FreeBlockQueue:
+    """Doubly linked list threaded through the blocks: O(1) pop, append and
+    removal from the middle (a cached block revived by a hit), no allocation."""
+
+    def __init__(self, blocks: list[KVBlock]) -> None:
+        self._head = KVBlock(-1)
+        self._tail = KVBlock(-1)
+        self._head.next_free = self._tail
+        self._tail.prev_free = self._head
+        self.num_free = 0
+        for b in blocks:
+            self.append(b)
+
+    def popleft(self) -> KVBlock:
+        b = self._head.next_free
+        if b is self._tail:
+            raise RuntimeError("no free KV blocks")
+        self.remove(b)
+        return b
+
+    def remove(self, b: KVBlock) -> None:
+        b.prev_free.next_free = b.next_free
+        b.next_free.prev_free = b.prev_free
+        b.prev_free = b.next_free = None
+        self.num_free -= 1
+
+    def append(self, b: KVBlock) -> None:
+        last = self._tail.prev_free
+        last.next_free = b
+        b.prev_free = last
+        b.next_free = self._tail
+        self._tail.prev_free = b
+        self.num_free += 1
+
+
+def hash_block(parent: bytes, token_ids: tuple[int, ...]) -> bytes:
+    # 128-bit chained digest: equal hashes mean equal whole prefixes in practice,
+    # and hits are still verified against the block's own token ids.
+    return hashlib.blake2b(parent + array("q", token_ids).tobytes(), digest_size=16).digest()
+
+
+def root_hash(model_key: str, salt: str) -> bytes:
+    """Extra keys (model, adapter, salt) enter the chain at its root."""
+    return hashlib.blake2b(f"{model_key}\x00{salt}".encode(), digest_size=16).digest()
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # admissions that looked the cache up
+    hits: int = 0  # admissions that found at least one block
+    query_tokens: int = 0
+    hit_tokens: int = 0
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 model_key: str = "") -> None:
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.model_key = model_key
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[bytes, KVBlock] = {}
+        self.stats = PrefixCacheStats()
+
+    # ---- hashing -------------------------------------------------------
+    def _extend_hashes(self, req: Request, num_tokens: int) -> None:
+        """Make sure req.block_hashes covers every full block within num_tokens."""
+        bs = self.block_size
+        parent = req.block_hashes[-1] if req.block_hashes else root_hash(self.model_key, req.cache_salt)
+        for i in range(len(req.block_hashes), num_tokens // bs):
+            toks = self._block_tokens(req, i)
+            parent = hash_block(parent, toks)
+            req.block_hashes.append(parent)
+
+    def _block_tokens(self, req: Request, i: int) -> tuple[int, ...]:
+        bs = self.block_size
+        if (i + 1) * bs <= req.num_prompt_tokens:
+            return tuple(req.prompt_token_ids[i * bs:(i + 1) * bs])
+        return tuple(req.token_at(j) for j in range(i * bs, (i + 1) * bs))
+
+    # ---- admission -----------------------------------------------------
+    def get_computed_blocks(self, req: Request) -> list[KVBlock]:
+        """Longest run of cached full blocks for this request's tokens. At least one
+        token is always left to compute, since the last one's logits are needed."""
+        if not self.enable_prefix_caching:
+            return []
+        max_hit = req.num_tokens - 1
+        self._extend_hashes(req, max_hit)
+        hits: list[KVBlock] = []
+        for i in range(max_hit // self.block_size):
+            b = self.cached.get(req.block_hashes[i])
+            if b is None or b.token_ids != self._block_tokens(req, i):
+                break
+            hits.append(b)
+        self.stats.queries += 1
+        self.stats.query_tokens += req.num_tokens
+        if hits:
+            self.stats.hits += 1
+            self.stats.hit_tokens += len(hits) * self.block_size
+        return hits
+
+    def num_blocks_needed(self, req: Request, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
+        total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
+        return max(0, total - len(req.blocks) - num_hit_blocks)
+
+    def allocate_slots(self, req: Request, num_new_tokens: int,
+                       hit_blocks: list[KVBlock] | None = None) -> bool:
+        """Reserve blocks for num_new_tokens more tokens (after any hit blocks).
+        Returns False, changing nothing, when the pool cannot hold them."""
+        hit_blocks = hit_blocks or []
+        need = self.num_blocks_needed(req, num_new_tokens, len(hit_blocks))
+        # Hit blocks that sit in the free queue stop being free once touched.
+        revived = sum(1 for b in hit_blocks if b.ref_cnt == 0)
+        if need > self.free_queue.num_free - revived:
+            return False
+        for b in hit_blocks:
+            if b.ref_cnt == 0:
+                self.free_queue.remove(b)
+            b.ref_cnt += 1
+            req.blocks.append(b)
+            req.block_ids.append(b.block_id)
+        if hit_blocks:
+            req.num_cached_blocks = len(req.blocks)
+        for _ in range(need):
+            b = self.free_queue.popleft()
+            self._evict(b)
+            b.ref_cnt = 1
+            req.blocks.append(b)
+            req.block_ids.append(b.block_id)
+        return True
+
+    def _evict(self, b: KVBlock) -> None:
+        # A block leaves the prefix cache only when it is popped for reuse.
+        if b.block_hash is not None:
+            if self.cached.get(b.block_hash) is b:
+                del self.cached[b.block_hash]
+            b.block_hash = None
+            b.token_ids = None
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Register the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        if num_full <= req.num_cached_blocks:
+            return
+        self._extend_hashes(req, num_full * self.block_size)
+        for i in range(req.num_cached_blocks, num_full):
+            b = req.blocks[i]
+            h = req.block_hashes[i]
+            if b.block_hash is None and h not in self.cached:
+                b.block_hash = h
+                b.token_ids = self._block_tokens(req, i)
+                self.cached[h] = b
+        req.num_cached_blocks = num_full
+
+    def free(self, req: Request) -> None:
+        """Return blocks tail first, so the least reusable block is evicted first."""
+        for b in reversed(req.blocks):
+            b.ref_cnt -= 1
+            if b.ref_cnt == 0:
+                self.free_queue.append(b)
+        req.blocks = []
+        req.block_ids = []
+        req.num_cached_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        for h, b in list(self.cached.items()):
+            if b.ref_cnt == 0:
+                self._evict(b)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.free_queue.num_free / max(1, self.num_blocks)

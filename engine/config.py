@@ -1,0 +1,43 @@
+"""Engine settings, named as vLLM users know them."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    device: str = "auto"  # "auto" picks cuda when available
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.90
+    kv_cache_memory: int = 256 * 1024 * 1024  # bytes for the KV pool on CPU
+    num_gpu_blocks_override: int | None = None  # fixes the pool size (tests, benchmarks)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    cache_salt: str = ""  # extra key mixed into every block hash
+    enforce_eager: bool = False  # no CUDA graphs
+    seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes
+    # speculative decoding
+    speculative_method: str | None = None  # None, "ngram", "suffix", "draft"
+    speculative_model: str | None = None
+    num_speculative_tokens: int = 0
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    adaptive_speculation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.speculative_model and not self.speculative_method:
+            self.speculative_method = "draft"
+        if self.speculative_method and self.num_speculative_tokens <= 0:
+            self.num_speculative_tokens = 4

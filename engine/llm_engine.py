@@ -1,0 +1,217 @@
+"""The paged engine behind the worker: add_request / step / abort.
+
+A step schedules under the token budget, runs one forward over the flat batch,
+samples (or verifies drafts), appends tokens, checks stop conditions and hands
+back the requests that finished.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.model_source import resolve_model
+from engine.models.loader import arch_from_config, read_config
+from engine.outputs import RequestOutput
+from engine.request import Request
+from engine.sampler import SamplingTensors, exponential_noise, sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.stop_checker import StopChecker
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, model: str, tokenizer=None, **kwargs) -> None:
+        path = resolve_model(model)
+        self.config = EngineConfig(model=path, **kwargs)
+        cfg = read_config(path)
+        arch = arch_from_config(cfg)
+        limit = arch.max_position_embeddings
+        if arch.sliding_window:
+            limit = min(limit, arch.sliding_window)  # beyond it, full attention would be wrong
+        self.max_model_len = min(self.config.max_model_len or limit, limit)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(self.config, path, self.max_model_len)
+        self.device = self.runner.device
+        self.vocab_size = self.runner.arch.vocab_size
+        self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
+                                          self.config.enable_prefix_caching, model_key=path)
+        self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
+        self.stop_checker = StopChecker(tokenizer, _eos_ids(cfg, tokenizer, path), self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self.generators: dict[str, torch.Generator] = {}
+        self.default_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        self._pending: list[RequestOutput] = []  # rejected at add_request
+        self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
+                         "spec_proposed": 0, "spec_accepted": 0, "steps": 0, "finished": 0}
+        self.spec = None
+        if self.config.speculative_method:
+            from engine.spec_decode import SpecDecoder
+            self.spec = SpecDecoder(self)
+
+    # ---- requests ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    job_id: str | None = None) -> None:
+        params = params or SamplingParams()
+        now = time.monotonic()
+        try:
+            params.validate()
+            if not prompt_token_ids:
+                raise ValueError("prompt is empty")
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already running")
+            bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
+        except ValueError as e:
+            self._pending.append(RequestOutput(request_id, list(prompt_token_ids), [], "", True, "error",
+                                               error=str(e), arrival_time=now, finish_time=now))
+            return
+        req = Request(request_id, list(prompt_token_ids), params, arrival_time=now,
+                      cache_salt=self.config.cache_salt)
+        req.job_id = job_id
+        if params.seed is not None:
+            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> None:
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._forget(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    # ---- the step --------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
+        batch = self.scheduler.schedule()
+        for req in batch.errors:
+            self._forget(req)
+            outputs.append(self._output(req, "error"))
+        if not batch.requests:
+            return outputs
+        self.counters["steps"] += 1
+        t0 = time.perf_counter()
+        inp = self.runner.prepare(batch)
+        t1 = time.perf_counter()
+        logits = self.runner.forward(inp)
+        sample_reqs = [batch.requests[i] for i in inp.sample_rows]
+        if self.spec is not None and any(n > 1 for n in inp.rows_per_req):
+            new_tokens = self.spec.verify(sample_reqs, inp.rows_per_req, logits)
+            logprobs = [None] * len(sample_reqs)
+        else:
+            new_tokens, logprobs = self._sample(sample_reqs, logits)
+        t2 = time.perf_counter()
+        self.runner.timings["prepare_s"] += t1 - t0
+        self.runner.timings["forward_s"] += t2 - t1
+        self.runner.timings["steps"] += 1
+
+        now = time.monotonic()
+        sampled = dict(zip(inp.sample_rows, zip(new_tokens, logprobs)))
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            if req.is_finished:
+                continue
+            if i not in sampled:  # a prefill chunk that has not reached the prompt's end
+                req.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(req)
+                continue
+            toks, lp = sampled[i]
+            # Drafts past the accepted ones were written to the cache but are now stale.
+            req.num_computed_tokens += n - len(req.spec_token_ids)
+            req.spec_token_ids = []
+            if req.first_token_time is None:
+                req.first_token_time = now
+                self.counters["prompt_tokens"] += req.num_prompt_tokens
+                self.counters["cached_tokens"] += req.num_cached_tokens
+            reason = None
+            for j, t in enumerate(toks):
+                req.output_token_ids.append(t)
+                if lp is not None:
+                    req.output_logprobs.append(lp[j])
+                self.counters["generated_tokens"] += 1
+                reason = self.stop_checker.check(req)
+                if reason:
+                    break
+            self.block_manager.cache_full_blocks(req)
+            if reason:
+                self.scheduler.finish(req, reason)
+                self._forget(req)
+                outputs.append(self._output(req, reason))
+        return outputs
+
+    def _sample(self, reqs: list[Request], logits: torch.Tensor):
+        st = SamplingTensors.from_requests(reqs, self.vocab_size, self.device)
+        noise = None if st.all_greedy else exponential_noise(
+            reqs, logits.shape[1], self.device, self.generators, self.default_generator)
+        want_lp = any(r.params.logprobs for r in reqs)
+        tokens, logprobs = sample(logits, st, noise, want_lp)
+        tokens = tokens.tolist()
+        lps = logprobs.tolist() if logprobs is not None else [None] * len(tokens)
+        return [[t] for t in tokens], [[lp] if lp is not None else None for lp in lps]
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self.generators.pop(req.request_id, None)
+        if self.spec is not None:
+            self.spec.on_finished(req)
+
+    def _output(self, req: Request, reason: str) -> RequestOutput:
+        self.counters["finished"] += 1
+        text = "" if reason == "error" else self.stop_checker.final_text(req)
+        return RequestOutput(
+            request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+            token_ids=list(req.output_token_ids), text=text, finished=True, finish_reason=reason,
+            error=req.error, logprobs=list(req.output_logprobs) if req.params.logprobs else None,
+            num_cached_tokens=req.num_cached_tokens, first_token_time=req.first_token_time,
+            arrival_time=req.arrival_time, finish_time=time.monotonic(),
+            metrics={"num_preemptions": req.num_preemptions, "spec_proposed": req.spec_proposed,
+                     "spec_accepted": req.spec_accepted})
+
+    # ---- visibility --------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        s = dict(self.counters)
+        ps = self.block_manager.stats
+        s.update(prefix_queries=ps.queries, prefix_hits=ps.hits, prefix_query_tokens=ps.query_tokens,
+                 prefix_hit_tokens=ps.hit_tokens, kv_usage=self.block_manager.usage,
+                 num_kv_blocks=self.block_manager.num_blocks,
+                 preemptions=self.scheduler.num_preemptions,
+                 model_load_seconds=self.runner.model_load_seconds)
+        s["prefix_cache_hit_rate"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
+        s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0
+        if self.device.type == "cuda":
+            s["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
+        return s
+
+
+def _eos_ids(cfg: dict, tokenizer, path: str) -> set[int]:
+    ids: set[int] = set()
+    for src in (cfg.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(src)
+    try:
+        import json
+        import os
+        with open(os.path.join(path, "generation_config.json")) as f:
+            g = json.load(f).get("eos_token_id")
+        ids.update([g] if isinstance(g, int) else (g or []))
+    except (OSError, ValueError):
+        pass
+    return ids

@@ -1,0 +1,230 @@
+"""Owns the model, the KV pool and the device: turns a scheduled batch into flat
+tensors, runs the forward (through a captured CUDA graph for decode batches),
+and returns the logits rows that need sampling."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.models.llama import AttentionMetadata, LlamaForCausalLM
+from engine.models.loader import build_model
+from engine.request import Request
+from engine.scheduler import ScheduledBatch
+from kernels import ops
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+            "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
+    sample_rows: list[int]  # batch positions (into batch.requests) that sample
+    rows_per_req: list[int]  # scored positions per sampling request (1 + drafts)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_path: str, max_model_len: int) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        torch.manual_seed(config.seed)
+        t0 = time.perf_counter()
+        self.model, self.hf_config = build_model(model_path, self.device, self.dtype,
+                                                 dummy=config.load_format == "dummy", seed=config.seed)
+        self.arch = self.model.arch
+        self.max_model_len = max_model_len
+        self.model.cos_sin = ops.build_rope_cache(self.arch.head_dim, max_model_len, self.arch.rope_theta,
+                                                  self.arch.rope_scaling, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.model_load_seconds = time.perf_counter() - t0
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = -(-max_model_len // self.block_size)
+        self.num_blocks = self._num_kv_blocks()
+        a = self.arch
+        self.kv_cache = torch.zeros(2, a.num_layers, self.num_blocks, self.block_size, a.num_kv_heads,
+                                    a.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache = self.kv_cache[0, i]
+            layer.self_attn.v_cache = self.kv_cache[1, i]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_bufs: dict[str, torch.Tensor] = {}
+        self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "steps": 0}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
+
+    # ---- KV pool ---------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        a = self.arch
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        if self.config.num_gpu_blocks_override:
+            return int(self.config.num_gpu_blocks_override)
+        if self.device.type != "cuda":
+            return max(1, self.config.kv_cache_memory // self.kv_bytes_per_block)
+        # Profile a worst-case prefill to learn the activation peak, then give the KV
+        # pool what gpu_memory_utilization leaves.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        budget = total * self.config.gpu_memory_utilization - peak - max(0, used_by_others)
+        n = int(budget // self.kv_bytes_per_block)
+        if n < 1:
+            raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+        return n
+
+    def _profile_run(self) -> None:
+        a = self.arch
+        T = min(self.config.max_num_batched_tokens, self.max_model_len)
+        nblk = -(-T // self.block_size)
+        kc = torch.zeros(nblk, self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device)
+        for layer in self.model.layers:
+            layer.self_attn.k_cache = kc
+            layer.self_attn.v_cache = kc
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(T, device=self.device),
+            block_tables=torch.arange(nblk, dtype=torch.int32, device=self.device).unsqueeze(0),
+            context_lens=torch.tensor([T], dtype=torch.int32, device=self.device),
+            cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=self.device),
+            is_decode=False, max_q_len=T, max_context_len=T)
+        with torch.inference_mode():
+            h = self.model(torch.zeros(T, dtype=torch.long, device=self.device),
+                           torch.arange(T, device=self.device), meta)
+            self.model.compute_logits(h[-min(T, self.config.max_num_seqs):])
+        torch.cuda.synchronize()
+        del kc, h
+
+    # ---- inputs ------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        reqs, counts = batch.requests, batch.num_tokens
+        B = len(reqs)
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
+        lens = np.asarray(counts, dtype=np.int64)
+        T = int(lens.sum())
+        ids: list[int] = []
+        sample_rows, rows_per_req, logit_idx = [], [], []
+        cu = 0
+        for i, (r, s, n) in enumerate(zip(reqs, starts.tolist(), counts)):
+            ntok = r.num_tokens
+            if s + n <= len(r.prompt_token_ids):
+                ids.extend(r.prompt_token_ids[s:s + n])
+            elif n == 1 and not r.spec_token_ids:
+                ids.append(r.output_token_ids[-1])  # plain decode
+            else:
+                ids.extend((r.all_token_ids + r.spec_token_ids)[s:s + n])
+            end = s + n
+            if end >= ntok:  # reached the real tokens' end: this request samples
+                k = end - ntok  # drafts scored this step
+                sample_rows.append(i)
+                rows_per_req.append(k + 1)
+                logit_idx.extend(range(cu + n - k - 1, cu + n))
+            cu += n
+        max_blocks = max(len(r.blocks) for r in reqs)
+        table = np.zeros((B, max_blocks), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            table[i, :len(r.blocks)] = r.block_ids
+        hit = np.fromiter((r.num_hit_tokens for r in reqs), dtype=np.int64, count=B)
+        cu_q = np.zeros(B + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu_q[1:])
+        # Flat per-token positions and slots, without a Python loop over tokens.
+        row = np.repeat(np.arange(B), lens)
+        pos = np.repeat(starts, lens) + (np.arange(T) - np.repeat(cu_q[:-1], lens))
+        slots = table[row, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
+        slots[pos < hit[row]] = -1  # already in a cached block: keep that KV
+        dev = self.device
+        is_decode = bool((lens == 1).all())
+        meta = AttentionMetadata(
+            slot_mapping=_to(slots, dev), block_tables=_to(table, dev),
+            context_lens=_to((starts + lens).astype(np.int32), dev), cu_seqlens_q=_to(cu_q, dev),
+            is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int((starts + lens).max()))
+        return StepInputs(_to(np.asarray(ids, dtype=np.int64), dev), _to(pos, dev), meta,
+                          _to(np.asarray(logit_idx, dtype=np.int64), dev), sample_rows, rows_per_req)
+
+    # ---- forward -------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Logits [num scored rows, vocab] for the rows in inp.logits_indices."""
+        B = inp.meta.block_tables.shape[0]
+        if inp.meta.is_decode and self.graphs and B <= max(self.graphs):
+            return self._replay(inp)
+        h = self.model(inp.input_ids, inp.positions, inp.meta)
+        return self.model.compute_logits(h[inp.logits_indices])
+
+    def _graph_sizes(self) -> list[int]:
+        top = min(self.config.max_num_seqs, 512)
+        sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
+        return sizes if sizes[-1] == top else sizes + [top]
+
+    def _capture_decode_graphs(self) -> None:
+        sizes = self._graph_sizes()
+        maxB, mb, dev = sizes[-1], self.max_blocks_per_seq, self.device
+        g = self.graph_bufs = {
+            "input_ids": torch.zeros(maxB, dtype=torch.long, device=dev),
+            "positions": torch.zeros(maxB, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((maxB,), -1, dtype=torch.long, device=dev),
+            "block_tables": torch.zeros(maxB, mb, dtype=torch.int32, device=dev),
+            "context_lens": torch.ones(maxB, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.arange(maxB + 1, dtype=torch.int32, device=dev),
+        }
+        pool = None
+        for B in reversed(sizes):
+            meta = AttentionMetadata(g["slot_mapping"][:B], g["block_tables"][:B], g["context_lens"][:B],
+                                     g["cu_seqlens_q"][:B + 1], True, 1, self.max_model_len)
+            # Warm up (Triton compiles) outside the capture.
+            with torch.inference_mode():
+                self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+            pool = graph.pool()
+            self.graphs[B] = graph
+            g[f"logits_{B}"] = out
+        torch.cuda.synchronize()
+
+    def _replay(self, inp: StepInputs) -> torch.Tensor:
+        B = inp.meta.block_tables.shape[0]
+        size = next(s for s in sorted(self.graphs) if s >= B)
+        g, m = self.graph_bufs, inp.meta
+        g["input_ids"][:B].copy_(inp.input_ids, non_blocking=True)
+        g["positions"][:B].copy_(inp.positions, non_blocking=True)
+        g["slot_mapping"][:B].copy_(m.slot_mapping, non_blocking=True)
+        g["slot_mapping"][B:size].fill_(-1)
+        g["context_lens"][:B].copy_(m.context_lens, non_blocking=True)
+        g["context_lens"][B:size].fill_(1)
+        nb = m.block_tables.shape[1]
+        g["block_tables"][:B, :nb].copy_(m.block_tables, non_blocking=True)
+        self.graphs[size].replay()
+        return g[f"logits_{size}"][:B][inp.logits_indices]
+
+
+def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t

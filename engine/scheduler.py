@@ -1,0 +1,144 @@
+"""Continuous batching with one rule (as in vLLM V1): every request has
+`num_computed_tokens` and a target (prompt + outputs + drafts); each step grants
+tokens under a budget so requests catch up. Prefill chunks, prefix hits and
+speculative tokens all follow from that rule. Running requests go first.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # tokens granted per request
+    preempted: list[Request] = field(default_factory=list)
+    errors: list[Request] = field(default_factory=list)  # rejected at admission
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        # Hook: reorders the waiting queue before admission (prefix grouping).
+        self.waiting_order: Callable[[deque[Request]], deque[Request]] | None = None
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def _preempt(self, req: Request) -> None:
+        # Recompute later: drop its KV, keep its tokens.
+        self.bm.free(req)
+        req.num_computed_tokens = 0
+        req.num_hit_tokens = 0
+        req.spec_token_ids = []
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> ScheduledBatch:
+        out = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+
+        # 1. Running requests, oldest first; the newest is preempted when blocks run out.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
+            # Never compute past the model's context (drafts included).
+            n = min(n, self.max_model_len - req.num_computed_tokens)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.bm.allocate_slots(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                out.requests.append(req)
+                out.num_tokens.append(n)
+                budget -= n
+                i += 1
+                continue
+            # req itself was preempted; running[i] now holds the next request.
+
+        # 2. Waiting requests, while budget, sequence slots and blocks last.
+        if self.waiting_order is not None and self.waiting:
+            self.waiting = self.waiting_order(self.waiting)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_prompt_tokens >= self.max_model_len:
+                self.waiting.popleft()
+                req.error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context "
+                             f"(max_model_len) is {self.max_model_len}, leaving no room to generate")
+                out.errors.append(req)
+                continue
+            hits = self.bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
+            num_hit = len(hits) * self.bm.block_size
+            n = req.num_tokens - num_hit
+            if n > budget:
+                if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
+                    break
+                n = budget
+            req.num_computed_tokens = num_hit
+            if not self.bm.allocate_slots(req, n, hits):
+                req.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            req.num_hit_tokens = num_hit
+            if req.status == RequestStatus.WAITING:
+                req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_tokens.append(n)
+            budget -= n
+        return out
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        self.bm.free(req)
+        if req in self.running:
+            self.running.remove(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        for q in (self.running, self.waiting):
+            for req in q:
+                if req.request_id == request_id:
+                    if q is self.waiting:
+                        self.waiting.remove(req)
+                        self.bm.free(req)
+                        req.status = RequestStatus.FINISHED
+                        req.finish_reason = "abort"
+                    else:
+                        self.finish(req, "abort")
+                    return req
+        return None

@@ -1,0 +1,125 @@
+"""KV block pool, prefix cache and scheduler rules, without a model."""
+from __future__ import annotations
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+
+def req(rid: str, tokens: list[int]) -> Request:
+    return Request(rid, tokens, SamplingParams(max_tokens=4))
+
+
+def admit(bm: BlockManager, r: Request) -> int:
+    hits = bm.get_computed_blocks(r)
+    r.num_computed_tokens = len(hits) * bm.block_size
+    assert bm.allocate_slots(r, r.num_tokens - r.num_computed_tokens, hits)
+    return len(hits)
+
+
+def finish_prefill(bm: BlockManager, r: Request) -> None:
+    r.num_computed_tokens = r.num_tokens
+    bm.cache_full_blocks(r)
+
+
+def test_free_queue_and_refcounts():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    a = req("a", list(range(10)))  # 3 blocks
+    admit(bm, a)
+    assert bm.num_free_blocks == 5 and [b.ref_cnt for b in a.blocks] == [1, 1, 1]
+    bm.free(a)
+    assert bm.num_free_blocks == 8 and a.blocks == [] and a.block_ids == []
+
+
+def test_allocation_fails_without_side_effects():
+    bm = BlockManager(2, 4)
+    a = req("a", list(range(20)))
+    assert not bm.allocate_slots(a, 20)
+    assert bm.num_free_blocks == 2 and a.blocks == []
+
+
+def test_prefix_hit_reuses_full_blocks_only_and_leaves_last_token():
+    bm = BlockManager(16, 4)
+    a = req("a", list(range(10)))
+    admit(bm, a)
+    finish_prefill(bm, a)
+    assert len(bm.cached) == 2  # only the two full blocks are shareable
+    b = req("b", list(range(10)) + [99])
+    assert admit(bm, b) == 2
+    assert b.blocks[:2] == a.blocks[:2] and a.blocks[0].ref_cnt == 2
+    # A fully cached prompt still computes its last token.
+    c = req("c", list(range(8)))
+    assert admit(bm, c) == 1 and c.num_computed_tokens == 4
+
+
+def test_hit_requires_equal_tokens_and_same_salt():
+    bm = BlockManager(16, 4)
+    a = req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    admit(bm, a)
+    finish_prefill(bm, a)
+    other = req("o", [1, 2, 3, 5, 5, 6, 7, 8, 9])
+    assert admit(bm, other) == 0
+    salted = req("s", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    salted.cache_salt = "tenant-2"
+    assert admit(bm, salted) == 0
+
+
+def test_eviction_is_lru_and_only_on_reuse():
+    bm = BlockManager(4, 4)
+    a = req("a", list(range(9)))  # 3 blocks, 2 full
+    admit(bm, a)
+    finish_prefill(bm, a)
+    bm.free(a)
+    assert len(bm.cached) == 2  # freed blocks stay cached until popped
+    # Freed tail first: the partial block and then block 1 are reused before block 0.
+    b = req("b", [50] * 8)  # needs 2 blocks: takes the never-cached one and the free one
+    admit(bm, b)
+    c = req("c", list(range(5)))
+    assert admit(bm, c) == 1  # block 0 survived
+    assert bm.stats.queries == 3 and bm.stats.hits == 1
+
+
+def test_scheduler_budget_chunks_and_order():
+    cfg = EngineConfig(model="x", max_num_batched_tokens=32, max_num_seqs=4)
+    bm = BlockManager(64, 16)
+    s = Scheduler(cfg, bm, max_model_len=1024)
+    long = req("long", list(range(100)))
+    short = req("short", list(range(10)))
+    s.add(long)
+    s.add(short)
+    batch = s.schedule()
+    assert [r.request_id for r in batch.requests] == ["long"] and batch.num_tokens == [32]
+    long.num_computed_tokens += 32
+    batch = s.schedule()
+    assert batch.requests[0] is long  # running first
+    assert batch.total_tokens <= 32
+
+
+def test_scheduler_preempts_newest_when_blocks_run_out():
+    cfg = EngineConfig(model="x", max_num_batched_tokens=256, max_num_seqs=8)
+    bm = BlockManager(4, 4)
+    s = Scheduler(cfg, bm, max_model_len=1024)
+    a, b = req("a", list(range(7))), req("b", list(range(100, 107)))
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    assert len(batch) == 2 and bm.num_free_blocks == 0
+    for r in (a, b):
+        r.num_computed_tokens = r.num_tokens
+        r.output_token_ids.append(1)
+        r.output_token_ids.append(2)  # both now need a third block
+    batch = s.schedule()
+    assert batch.preempted == [b] and batch.requests == [a]
+    assert s.waiting[0] is b and b.num_computed_tokens == 0 and b.blocks == []
+
+
+def test_overlong_prompt_is_rejected_at_admission():
+    cfg = EngineConfig(model="x")
+    s = Scheduler(cfg, BlockManager(64, 16), max_model_len=16)
+    s.add(req("big", list(range(16))))
+    s.add(req("ok", list(range(8))))
+    batch = s.schedule()
+    assert [r.request_id for r in batch.errors] == ["big"] and "max_model_len" in batch.errors[0].error
+    assert [r.request_id for r in batch.requests] == ["ok"]
