@@ -31,7 +31,13 @@ log = logging.getLogger("prefixq.worker")
 try:  # the radix-tree orderer lives in its own module (another engineer's)
     from worker.prefix_order import order_rows as _order_rows
 except Exception:  # noqa: BLE001
-    _order_rows = None
+    try:
+        from worker.prefix_order import order_by_prefix as _order_by_prefix
+
+        def _order_rows(rows):
+            return [rows[i] for i in _order_by_prefix(rows, key=lambda r: r.prompt_token_ids)]
+    except Exception:  # noqa: BLE001
+        _order_rows = None
 
 JOB_DEFAULTS = {"max_tokens": 256, "temperature": 1.0}
 
