@@ -104,8 +104,39 @@ def cmd_results(a) -> int:
     except (KeyError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(path)
+    if a.print:
+        print_table(path)
+    else:
+        print(path)
     return 0
+
+
+def _read_results(path: str) -> list[dict]:
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        return pq.read_table(path).to_pylist()
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def print_table(path: str, width: int = 70) -> None:
+    rows = _read_results(path)
+    print(f"results: {path}")
+    print(f"{'custom_id':18} {'finish':7} {'tok':>4} {'ms':>7}  text")
+    for r in rows:
+        if "response" in r:  # OpenAI output line
+            body = (r.get("response") or {}).get("body") or {}
+            ch = (body.get("choices") or [{}])[0]
+            text = (ch.get("message") or {}).get("content", ch.get("text", "")) or ""
+            r = {"custom_id": r["custom_id"], "finish_reason": ch.get("finish_reason"),
+                 "completion_tokens": (body.get("usage") or {}).get("completion_tokens", 0), "latency_ms": 0}
+            r["text"] = text
+        text = r.get("text") or ("ERROR: " + (r.get("error") or ""))
+        text = " ".join(text.split())
+        if len(text) > width:
+            text = text[: width - 1] + "…"
+        print(f"{str(r['custom_id'])[:18]:18} {str(r.get('finish_reason')):7} {r.get('completion_tokens') or 0:>4} "
+              f"{r.get('latency_ms') or 0:>7.0f}  {text}")
 
 
 def cmd_cancel(a) -> int:
@@ -159,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="download a job's results")
     p.add_argument("job_id")
     p.add_argument("-o", "--output", default=None, help="output file (default ./<id>-results.<ext>)")
+    p.add_argument("--print", action="store_true", help="also print the results as a table")
     _common(p)
     p.set_defaults(func=cmd_results)
 
