@@ -50,6 +50,7 @@ class SuffixIndex:
         self.base = 0
         self.tables: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.lengths}
         self.indexed_to = 0  # absolute end positions < indexed_to are indexed
+        self.has_sep = False  # request indexes never hold SEP: skip the per-gram check
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -58,7 +59,8 @@ class SuffixIndex:
         """Add tokens. The final token is indexed only when `index_last` (it has no follower
         yet in a live request; indexing it would make the context match itself)."""
         self.tokens.extend(new_tokens)
-        t, b = self.tokens, self.base
+        self.has_sep = self.has_sep or SEP in new_tokens
+        t, b, check_sep = self.tokens, self.base, self.has_sep
         stop = b + len(t) - (0 if index_last else 1)
         for e in range(self.indexed_to, stop):
             i = e - b
@@ -68,7 +70,7 @@ class SuffixIndex:
                 if n > i + 1:
                     break
                 gram = tuple(t[i - n + 1:i + 1])
-                if SEP in gram:
+                if check_sep and SEP in gram:
                     break  # longer n-grams contain it too
                 occ = self.tables[n].setdefault(gram, [])
                 occ.append(e)

@@ -1,0 +1,205 @@
+"""n-gram and suffix proposers, and the adaptive speculation controller."""
+from __future__ import annotations
+
+import time
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.spec.adaptive import SpecController, StepCostModel, StepCostTable
+from engine.spec.ngram import NgramProposer, ngram_propose_reference
+from engine.spec.proposer import Proposer
+from engine.spec.suffix import SuffixProposer
+
+DOC = list(range(100, 160))  # distinct tokens: a "document" to copy from
+
+
+def test_protocol():
+    assert isinstance(NgramProposer(), Proposer) and isinstance(SuffixProposer(), Proposer)
+    assert NgramProposer.is_deterministic and SuffixProposer.is_deterministic
+
+
+# -- n-gram ---------------------------------------------------------------------------------
+def test_ngram_copies_continuation():
+    p = NgramProposer(min_n=1, max_n=4)
+    hist = [1, 2] + DOC + [7, 8] + DOC[:10]
+    assert p.propose(["a"], [hist], [5]) == [DOC[10:15]]
+    assert p.propose(["a"], [hist + DOC[10:12]], [3]) == [DOC[12:15]]  # incremental
+    assert p.propose(["a"], [hist], [0]) == [[]]  # rewritten (shorter) history rebuilds
+
+
+def test_ngram_no_match_and_min_n():
+    p = NgramProposer(min_n=2, max_n=3)
+    assert p.propose(["a"], [[1, 2, 3, 4, 5]], [4]) == [[]]
+    assert p.propose(["b"], [[1, 2, 3, 9, 3]], [4]) == [[]]  # only a unigram repeats
+    assert NgramProposer(1, 3).propose(["c"], [[1, 2, 3, 9, 3]], [2]) == [[9, 3]]
+    assert p.propose(["d"], [[]], [3]) == [[]]
+
+
+def test_ngram_prefers_longest_then_latest():
+    p = NgramProposer(min_n=1, max_n=3)
+    hist = [5, 6, 7, 1, 6, 7, 2, 9, 7]
+    # "7" occurs at 2 and 5: latest earlier is 5 -> follows with 2
+    assert p.propose(["a"], [hist], [2]) == [[2, 9]]
+    hist2 = [5, 6, 7, 1, 0, 6, 7, 2, 5, 6, 7]
+    # 3-gram [5,6,7] matches at 0 (-> 1) and beats the later 2-gram [6,7] at 5 (-> 2)
+    assert p.propose(["b"], [hist2], [1]) == [[1]]
+
+
+def test_ngram_periodic_extends_into_draft():
+    p = NgramProposer(1, 2)
+    assert p.propose(["a"], [[3, 4, 3, 4, 3]], [5]) == [[4, 3, 4, 3, 4]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    toks=st.lists(st.integers(0, 4), min_size=0, max_size=80),
+    cuts=st.lists(st.integers(0, 80), max_size=8),
+    k=st.integers(0, 6),
+    ns=st.tuples(st.integers(1, 3), st.integers(0, 3)),
+)
+def test_ngram_incremental_equals_reference(toks, cuts, k, ns):
+    min_n, max_n = ns[0], ns[0] + ns[1]
+    p = NgramProposer(min_n, max_n)
+    for c in sorted(set(cuts)) + [len(toks)]:
+        h = toks[: min(c, len(toks))]
+        assert p.propose(["r"], [h], [k]) == [ngram_propose_reference(h, k, min_n, max_n)]
+
+
+def test_ngram_step_cost_is_incremental():
+    p = NgramProposer(1, 4)
+    hist = [i % 5000 for i in range(50_000)]
+    p.propose(["a"], [hist], [4])
+    t0 = time.perf_counter()
+    for i in range(2000):
+        hist.append(i % 5000)
+        p.propose(["a"], [hist], [4])
+    # O(history) per step would be >= 2000 * 50k ops; the index does ~10 dict ops per step
+    assert time.perf_counter() - t0 < 1.0
+
+
+# -- suffix ---------------------------------------------------------------------------------
+def test_suffix_copies_from_own_prompt():
+    p = SuffixProposer()
+    hist = [1, 2] + DOC + [7, 8] + DOC[:10]
+    assert p.propose(["a"], [hist], [6]) == [DOC[10:16]]
+    assert p.propose(["b"], [[1, 2, 3, 4, 5, 6]], [4]) == [[]]
+
+
+def test_suffix_stops_when_continuation_is_uncertain():
+    p = SuffixProposer(min_prob=0.3)
+    # after "5 6 7" the history continued 4 different ways: no single token reaches 0.3
+    hist = [5, 6, 7, 1, 5, 6, 7, 2, 5, 6, 7, 3, 5, 6, 7, 4, 5, 6, 7]
+    assert p.propose(["a"], [hist], [3]) == [[]]
+    # two agreeing continuations out of three: proposes the majority (p = 2/3)
+    hist = [5, 6, 7, 1, 5, 6, 7, 2, 8, 5, 6, 7, 2, 8, 5, 6, 7]
+    assert p.propose(["b"], [hist], [2]) == [[2, 8]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    toks=st.lists(st.integers(0, 3), min_size=0, max_size=120),
+    cuts=st.lists(st.integers(0, 120), max_size=6),
+    k=st.integers(1, 6),
+)
+def test_suffix_incremental_equals_from_scratch(toks, cuts, k):
+    inc = SuffixProposer(max_depth=8, max_occurrences=4)
+    for c in sorted(set(cuts)) + [len(toks)]:
+        h = toks[: min(c, len(toks))]
+        fresh = SuffixProposer(max_depth=8, max_occurrences=4)
+        assert inc.propose_drafts(["r"], [h], [k]) == fresh.propose_drafts(["r"], [h], [k])
+
+
+def _json_output(i: int) -> list[int]:
+    # a template {"name": <v>, "age": <v>, "city": <v>} with per-request values
+    return [900, 901, 902, 1000 + i, 903, 904, 905, 911, 2000 + i, 903, 906, 907, 912, 3000 + i, 908]
+
+
+def test_job_tree_learns_output_structure():
+    p = SuffixProposer()
+    prompt = list(range(40, 70))  # unrelated to the template: the request tree cannot help
+    assert p.propose(["new"], [prompt + [900]], [3], job_ids=["job"]) == [[]]
+    for i in range(5):
+        p.on_finished(f"r{i}", _json_output(i), job_id="job")
+    # mid-output: right after a novel value nothing matches; once the next field starts,
+    # the job tree proposes the rest of it (draft length capped by the match length)
+    ctx = prompt + _json_output(99)[:4]
+    assert p.propose(["new"], [ctx], [3], job_ids=["job"]) == [[]]
+    ctx = prompt + _json_output(99)[:6]
+    assert p.propose(["new"], [ctx], [3], job_ids=["job"]) == [[905, 911]]
+    assert p.propose(["new"], [prompt + [900, 901]], [1], job_ids=["job"]) == [[902]]
+    # after more output, a longer match lets it run further (values differ: it stops there)
+    ctx = prompt + _json_output(99)[:8] + [2099, 903, 906]
+    assert p.propose(["new"], [ctx], [3], job_ids=["job"]) == [[907, 912]]
+    # other jobs do not see it
+    assert p.propose(["x"], [ctx], [3], job_ids=["other"]) == [[]]
+    # the request's state is freed
+    p.on_finished("new", [], job_id="job")
+    assert "new" not in p._req
+
+
+def test_job_tree_memory_is_bounded():
+    p = SuffixProposer(max_job_tokens=500, max_jobs=2)
+    for i in range(300):
+        p.on_finished(f"r{i}", _json_output(i), job_id="job")
+    job = p._jobs["job"]
+    assert job.size <= 500 and len(job.index) <= 500
+    # the 2nd token after "900 901 902" is a per-request value: too uncertain to propose
+    assert p.propose(["n"], [[900, 901]], [2], job_ids=["job"]) == [[902]]
+    for j in range(3):
+        p.on_finished("z", [1, 2, 3], job_id=f"j{j}")
+    assert len(p._jobs) == 2 and "job" not in p._jobs
+
+
+# -- adaptive controller --------------------------------------------------------------------
+def _train(c: SpecController, rid: str, a: float, steps: int = 30, k: int = 5) -> None:
+    acc_total = 0.0
+    for _ in range(steps):  # deterministic stream with per-token acceptance ~ a
+        acc = 0
+        while acc < k:
+            acc_total += a
+            if acc_total >= 1:
+                acc_total -= 1
+                acc += 1
+            else:
+                break
+        c.record(rid, k, acc, job_id="j")
+
+
+def test_controller_speculates_at_batch1_high_acceptance():
+    c = SpecController(max_k=5)
+    _train(c, "a", 0.9)
+    assert c.acceptance("a") > 0.8
+    assert c.choose_k(["a"]) == [5]
+    assert c.choose_k(["a"], max_k=[2]) == [2]
+
+
+def test_controller_off_at_large_batch_low_acceptance():
+    c = SpecController(max_k=5)
+    rids = [f"r{i}" for i in range(256)]
+    for r in rids:
+        _train(c, r, 0.2)
+    assert c.choose_k(rids) == [0] * 256
+
+
+def test_controller_mixed_batch_prefers_confident_requests():
+    c = SpecController(max_k=4, step_cost=StepCostModel(knee_tokens=64))
+    rids = [f"r{i}" for i in range(48)]
+    for i, r in enumerate(rids):
+        _train(c, r, 0.95 if i < 8 else 0.1)
+    k = c.choose_k(rids)
+    assert all(x > 0 for x in k[:8]) and sum(k[8:]) <= sum(k[:8])
+
+
+def test_controller_measured_table_and_stats():
+    flat = StepCostTable([(1, 0.010), (512, 0.011)])
+    steep = StepCostTable([(1, 0.010), (8, 0.080)])  # pretend every token costs a full step
+    c1, c2 = SpecController(step_cost=flat), SpecController(step_cost=steep)
+    for c in (c1, c2):
+        _train(c, "a", 0.6)
+    assert c1.choose_k(["a"])[0] > 0 and c2.choose_k(["a"]) == [0]
+    s = c1.job_stats["j"]
+    assert s.proposed == 150 and 0 < s.acceptance_rate < 1
+    assert s.mean_accepted_length == (s.accepted + s.steps) / s.steps
+    c1.record("b", 0, 0)
+    assert c1.stats.steps == 30  # k = 0 steps carry no evidence
