@@ -48,7 +48,7 @@ class SuffixIndex:
         self.max_occ = max_occurrences
         self.tokens: list[int] = []
         self.base = 0
-        self.tables: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in self.lengths}
+        self.tables: dict[int, dict[tuple[int, ...], int | list[int]]] = {n: {} for n in self.lengths}
         self.indexed_to = 0  # absolute end positions < indexed_to are indexed
         self.has_sep = False  # request indexes never hold SEP: skip the per-gram check
 
@@ -72,10 +72,18 @@ class SuffixIndex:
                 gram = tuple(t[i - n + 1:i + 1])
                 if check_sep and SEP in gram:
                     break  # longer n-grams contain it too
-                occ = self.tables[n].setdefault(gram, [])
-                occ.append(e)
-                if len(occ) > 2 * self.max_occ:  # amortised trim, keep the most recent
-                    del occ[: len(occ) - self.max_occ]
+                table = self.tables[n]
+                occ = table.get(gram)
+                # Most n-grams occur once: store a bare int, not a list, so the index holds
+                # few GC-tracked containers (gen-2 collections otherwise cost 100+ ms).
+                if occ is None:
+                    table[gram] = e
+                elif type(occ) is int:
+                    table[gram] = [occ, e]
+                else:
+                    occ.append(e)
+                    if len(occ) > 2 * self.max_occ:  # amortised trim, keep the most recent
+                        del occ[: len(occ) - self.max_occ]
         self.indexed_to = max(self.indexed_to, stop)
 
     def _tok(self, pos: int, draft: list[int], self_overlap: bool) -> int | None:
@@ -98,16 +106,18 @@ class SuffixIndex:
     ) -> Draft:
         if k <= 0:
             return Draft()
-        occ: list[int] | None = None
+        occ: int | list[int] | None = None
         n_match = 0
         for n in reversed(self.lengths):
             if n <= len(context):
                 occ = self.tables[n].get(tuple(context[len(context) - n:]))
-                if occ:
+                if occ is not None:
                     n_match = n
                     break
-        if not occ:
+        if occ is None:
             return Draft()
+        if type(occ) is int:
+            occ = [occ]
         # A short match is weak evidence whatever its counts say: cap the draft by it.
         k = min(k, max(1, int(spec_factor * n_match)))
         alive = occ[-self.max_occ:]
