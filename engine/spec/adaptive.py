@@ -48,7 +48,7 @@ class StepCostTable:
         xs = [p[0] for p in self.points]
         ys = [p[1] for p in self.points]
         if len(xs) == 1 or n <= xs[0]:
-            return ys[0] if len(xs) == 1 else ys[0]
+            return ys[0]
         i = bisect.bisect_left(xs, n)
         if i >= len(xs):
             i = len(xs) - 1
