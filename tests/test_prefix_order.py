@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import random
+import time
 from itertools import chain
 
+import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -224,3 +227,21 @@ def test_windows_are_prefix_ordered_with_a_custom_key(seqs, window):
 def test_interleave_jobs_mixes_jobs_round_robin():
     rows = list(interleave_jobs({"a": [[1], [2], [3]], "b": [[4]]}))
     assert [(r.job_id, r.row_index) for r in rows] == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]
+
+
+@pytest.mark.slow
+def test_orders_50k_prompts_of_1000_tokens_in_seconds():
+    rng = np.random.default_rng(0)
+    templates = [rng.integers(0, 50_000, 600).tolist() for _ in range(500)]
+    variants = [rng.integers(0, 50_000, 200).tolist() for _ in range(1000)]
+    seqs = [templates[k // 2] + variants[k] + rng.integers(0, 50_000, 200).tolist()
+            for k in rng.integers(0, 1000, 50_000)]
+    # Every prompt a distinct list; the second workload branches at ~every token of one stem.
+    stem = rng.integers(0, 50_000, 1000).tolist()
+    branchy = [stem[:k] + rng.integers(0, 50_000, 1000 - k).tolist() for k in rng.integers(0, 1000, 50_000)]
+    for workload in (seqs, branchy):
+        start = time.perf_counter()
+        order = order_by_prefix(workload, _identity)
+        elapsed = time.perf_counter() - start
+        assert sorted(order) == list(range(len(workload)))
+        assert elapsed < 10, elapsed  # about 1 s each on a dev box; generous for shared CI runners
