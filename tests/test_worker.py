@@ -17,7 +17,13 @@ from worker import results as res
 from worker import runner
 from worker.metrics import Metrics
 
-from conftest import free_port
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
