@@ -37,8 +37,7 @@ class LLMEngine:
             limit = min(limit, arch.sliding_window)  # beyond it, full attention would be wrong
         self.max_model_len = min(self.config.max_model_len or limit, limit)
         if tokenizer is None:
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(path)
+            tokenizer = _load_tokenizer(path)
         self.tokenizer = tokenizer
         self.runner = ModelRunner(self.config, path, self.max_model_len)
         self.device = self.runner.device
@@ -53,6 +52,9 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # rejected at add_request
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                          "spec_proposed": 0, "spec_accepted": 0, "steps": 0, "finished": 0}
+        self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
+        # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
+        self.step_log: list[tuple[float, bool, int, int]] | None = None
         self.spec = None
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
@@ -69,6 +71,8 @@ class LLMEngine:
                 raise ValueError("prompt is empty")
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already running")
+            if self.tokenizer is None and (params.detokenize or params.stop):
+                raise ValueError("this model folder has no tokenizer: use detokenize=False and no stop strings")
             bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
@@ -100,16 +104,16 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.errors:
             self._forget(req)
             outputs.append(self._output(req, "error"))
         if not batch.requests:
             return outputs
-        self.counters["steps"] += 1
-        t0 = time.perf_counter()
-        inp = self.runner.prepare(batch)
         t1 = time.perf_counter()
+        inp = self.runner.prepare(batch)
+        t2 = time.perf_counter()
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]
         if self.spec is not None and any(n > 1 for n in inp.rows_per_req):
@@ -117,11 +121,7 @@ class LLMEngine:
             logprobs = [None] * len(sample_reqs)
         else:
             new_tokens, logprobs = self._sample(sample_reqs, logits)
-        t2 = time.perf_counter()
-        self.runner.timings["prepare_s"] += t1 - t0
-        self.runner.timings["forward_s"] += t2 - t1
-        self.runner.timings["steps"] += 1
-
+        t3 = time.perf_counter()  # sampling ends in a host copy, so the GPU work is done here
         now = time.monotonic()
         sampled = dict(zip(inp.sample_rows, zip(new_tokens, logprobs)))
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
@@ -132,8 +132,9 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(req)
                 continue
             toks, lp = sampled[i]
-            # Drafts past the accepted ones were written to the cache but are now stale.
-            req.num_computed_tokens += n - len(req.spec_token_ids)
+            # Accepted drafts keep the KV written while verifying them; the slots of
+            # rejected ones are simply overwritten by the next tokens.
+            req.num_computed_tokens += n - len(req.spec_token_ids) + len(toks) - 1
             req.spec_token_ids = []
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -153,7 +154,19 @@ class LLMEngine:
                 self.scheduler.finish(req, reason)
                 self._forget(req)
                 outputs.append(self._output(req, reason))
+        self._record_step(inp, t0, t1, t2, t3, time.perf_counter())
         return outputs
+
+    def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:
+        tm = self.timings
+        tm["steps"] += 1
+        tm["schedule_s"] += t1 - t0
+        tm["prepare_s"] += t2 - t1
+        tm["forward_sample_s"] += t3 - t2
+        tm["update_s"] += t4 - t3
+        if self.step_log is not None:
+            m = inp.meta
+            self.step_log.append((t4 - t0, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
         st = SamplingTensors.from_requests(reqs, self.vocab_size, self.device)
@@ -197,6 +210,17 @@ class LLMEngine:
         if self.device.type == "cuda":
             s["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
         return s
+
+
+def _load_tokenizer(path: str):
+    """The folder's tokenizer; None for weight-only folders (random-weight benchmarks)."""
+    import os
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                  "tokenizer.model")):
+        if os.path.isdir(path):
+            return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(path)
 
 
 def _eos_ids(cfg: dict, tokenizer, path: str) -> set[int]:

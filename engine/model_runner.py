@@ -41,6 +41,7 @@ class StepInputs:
     logits_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
     sample_rows: list[int]  # batch positions (into batch.requests) that sample
     rows_per_req: list[int]  # scored positions per sampling request (1 + drafts)
+    context_tokens: int = 0  # KV tokens attention reads this step
 
 
 class ModelRunner:
@@ -70,7 +71,6 @@ class ModelRunner:
             layer.self_attn.v_cache = self.kv_cache[1, i]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_bufs: dict[str, torch.Tensor] = {}
-        self.timings = {"prepare_s": 0.0, "forward_s": 0.0, "steps": 0}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
 
@@ -164,7 +164,8 @@ class ModelRunner:
             context_lens=_to((starts + lens).astype(np.int32), dev), cu_seqlens_q=_to(cu_q, dev),
             is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int((starts + lens).max()))
         return StepInputs(_to(np.asarray(ids, dtype=np.int64), dev), _to(pos, dev), meta,
-                          _to(np.asarray(logit_idx, dtype=np.int64), dev), sample_rows, rows_per_req)
+                          _to(np.asarray(logit_idx, dtype=np.int64), dev), sample_rows, rows_per_req,
+                          int((starts + lens).sum()))
 
     # ---- forward -------------------------------------------------------------
     @torch.inference_mode()

