@@ -159,6 +159,12 @@ def cmd_ls(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    import importlib
+    importlib.import_module(f"bench.{a.which}").main(a.rest)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prefixq", description="Batch LLM inference over Redis and S3-compatible storage")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -198,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     _common(p)
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("bench", help="benchmarks: throughput, prefix, spec (each takes --help)", add_help=False)
+    p.add_argument("which", choices=["throughput", "prefix", "spec"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("ls", help="list recent jobs")
     p.add_argument("--limit", type=int, default=20)
