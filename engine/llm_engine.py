@@ -47,7 +47,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
         self.stop_checker = StopChecker(tokenizer, _eos_ids(cfg, tokenizer, path), self.max_model_len)
         self.requests: dict[str, Request] = {}
-        self.generators: dict[str, torch.Generator] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self._pending: list[RequestOutput] = []  # rejected at add_request
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
@@ -83,8 +82,6 @@ class LLMEngine:
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=now,
                       cache_salt=self.config.cache_salt)
         req.job_id = job_id
-        if params.seed is not None:
-            self.generators[request_id] = torch.Generator(device=self.device).manual_seed(params.seed)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
@@ -123,7 +120,7 @@ class LLMEngine:
             new_tokens, logprobs = self._sample(sample_reqs, logits)
         t3 = time.perf_counter()  # sampling ends in a host copy, so the GPU work is done here
         now = time.monotonic()
-        sampled = dict(zip(inp.sample_rows, zip(new_tokens, logprobs)))
+        sampled = dict(zip(inp.sample_rows, zip(new_tokens, logprobs, inp.rows_per_req)))
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
             if req.is_finished:
                 continue
@@ -131,10 +128,10 @@ class LLMEngine:
                 req.num_computed_tokens += n
                 self.block_manager.cache_full_blocks(req)
                 continue
-            toks, lp = sampled[i]
+            toks, lp, scored = sampled[i]
             # Accepted drafts keep the KV written while verifying them; the slots of
             # rejected ones are simply overwritten by the next tokens.
-            req.num_computed_tokens += n - len(req.spec_token_ids) + len(toks) - 1
+            req.num_computed_tokens += n - (scored - 1) + len(toks) - 1
             req.spec_token_ids = []
             if req.first_token_time is None:
                 req.first_token_time = now
@@ -170,8 +167,8 @@ class LLMEngine:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor):
         st = SamplingTensors.from_requests(reqs, self.vocab_size, self.device)
-        noise = None if st.all_greedy else exponential_noise(
-            reqs, logits.shape[1], self.device, self.generators, self.default_generator)
+        noise = None if st.all_greedy else exponential_noise(reqs, logits.shape[1], self.device,
+                                                             self.default_generator)
         want_lp = any(r.params.logprobs for r in reqs)
         tokens, logprobs = sample(logits, st, noise, want_lp)
         tokens = tokens.tolist()
@@ -180,7 +177,6 @@ class LLMEngine:
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
-        self.generators.pop(req.request_id, None)
         if self.spec is not None:
             self.spec.on_finished(req)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.request import Request
+from engine.spec.rejection import counter_noise
 
 
 @dataclass
@@ -76,17 +77,18 @@ def processed_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def exponential_noise(reqs: list[Request], vocab: int, device: torch.device,
-                      generators: dict[str, torch.Generator], default: torch.Generator | None,
-                      rows_per_req: list[int] | None = None) -> torch.Tensor:
-    """Exp(1) noise, one row per scored position; seeded requests use their own stream."""
+                      default: torch.Generator | None, rows_per_req: list[int] | None = None) -> torch.Tensor:
+    """Exp(1) noise, one row per scored position. A seeded request's noise is a hash of
+    (seed, output position), so its tokens depend neither on the batch nor on speculation."""
     rows = rows_per_req or [1] * len(reqs)
     noise = torch.empty(sum(rows), vocab, device=device)
     noise.exponential_(generator=default)
     r = 0
     for req, n in zip(reqs, rows):
-        g = generators.get(req.request_id)
-        if g is not None:
-            noise[r:r + n].exponential_(generator=g)
+        if req.params.seed is not None:
+            pos = len(req.output_token_ids) + torch.arange(n, device=device)
+            seed = torch.tensor([req.params.seed], device=device)
+            noise[r:r + n] = counter_noise(seed, pos[None, :], vocab).exp[0]
         r += n
     return noise
 

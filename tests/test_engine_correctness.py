@@ -153,3 +153,13 @@ def test_logprobs_are_log_softmax_of_chosen_tokens():
         logits = m(torch.tensor([p + out.token_ids])).logits[0]
     ref = logits.log_softmax(-1)[len(p) - 1:-1].gather(1, torch.tensor(out.token_ids)[:, None]).squeeze(1)
     assert torch.allclose(torch.tensor(out.logprobs), ref, atol=1e-4)
+
+
+def test_engine_on_triton_kernels_matches_transformers(monkeypatch):
+    """The whole engine on the Triton kernels (interpreted on the CPU), GQA group of 3."""
+    monkeypatch.setenv("PREFIXQ_KERNELS", "triton")
+    prompts = mixed_prompts(4, 256, 3, 40, seed=7)
+    expected = hf_greedy(tiny_model_dir("llama-gqa3-tied"), prompts, 6)
+    eng = tiny_engine("llama-gqa3-tied", max_num_batched_tokens=32)
+    outs = run_engine(eng, prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == expected

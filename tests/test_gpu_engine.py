@@ -47,6 +47,9 @@ def compare_with_transformers(model_dir: str, tokenizer, prompts: list[list[int]
     torch.cuda.empty_cache()
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    # The gap is judged in fp32 on the same weights: bf16 logits are themselves rounded
+    # to steps of 0.0625 or more, which would hide how close the tie really is.
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     exact, near_ties, worst_gap = 0, 0, 0.0
     with torch.no_grad():
         for i, p in enumerate(prompts):
@@ -59,7 +62,7 @@ def compare_with_transformers(model_dir: str, tokenizer, prompts: list[list[int]
                 exact += 1
                 continue
             j = next(k for k, (a, b) in enumerate(zip(mine, ref)) if a != b)
-            logits = hf(torch.tensor([p + ref[:j]], device="cuda")).logits[0, -1].float()
+            logits = hf32(torch.tensor([p + ref[:j]], device="cuda")).logits[0, -1]
             top2 = logits.topk(2).values
             gap = float(top2[0] - top2[1])
             worst_gap = max(worst_gap, gap)

@@ -22,7 +22,7 @@ for _ in $(seq 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sleep
 
 export PREFIXQ_REDIS_URL="redis://127.0.0.1:$PORT/0"
 export PREFIXQ_STORE="file://$STATE/store"
-ENGINE="${PREFIXQ_ENGINE:-hf}"
+ENGINE="${PREFIXQ_ENGINE:-paged}"
 
 echo "== preparing the model (first run converts SmolLM2 from GGUF, once)"
 python -c 'from engine.model_source import resolve_model; print(resolve_model("smollm2"))'

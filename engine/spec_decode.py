@@ -1,0 +1,105 @@
+"""Speculative decoding inside the engine: before scheduling, a proposer drafts up
+to k tokens for each decoding request (k chosen per step by the adaptive
+controller); the scheduler grants them as ordinary tokens, so the target scores
+all k+1 positions in the same forward; `verify` accepts them exactly.
+
+KV written for rejected drafts needs no cleanup: `num_computed_tokens` stops at
+the last accepted token, so those slots are overwritten by the next tokens.
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.request import Request
+from engine.sampler import SamplingTensors, exponential_noise, processed_probs
+from engine.spec import NgramProposer, SpecController, SuffixProposer, rejection_sample
+from engine.spec.rejection import SpecNoise
+
+
+def make_proposer(engine):
+    cfg = engine.config
+    if cfg.speculative_method == "ngram":
+        return NgramProposer(cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+    if cfg.speculative_method == "suffix":
+        return SuffixProposer()
+    if cfg.speculative_method == "draft":
+        from engine.draft_proposer import DraftModelProposer
+        return DraftModelProposer(cfg.speculative_model, engine)
+    raise ValueError(f"unknown speculative method {cfg.speculative_method!r}; use ngram, suffix or a draft model")
+
+
+class SpecDecoder:
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.k = engine.config.num_speculative_tokens
+        self.adaptive = engine.config.adaptive_speculation
+        self.proposer = make_proposer(engine)
+        self.controller = SpecController(max_k=self.k)
+
+    def propose(self, running: list[Request]) -> None:
+        """Set spec_token_ids on requests whose prompt is done."""
+        reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not r.spec_token_ids]
+        if not reqs:
+            return
+        # Room left: drafts never run past max_tokens or the model's context.
+        caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1,
+                           self.engine.max_model_len - r.num_tokens - 1)) for r in reqs]
+        ids = [r.request_id for r in reqs]
+        ks = self.controller.choose_k(ids, caps) if self.adaptive else caps
+        active = [i for i, k in enumerate(ks) if k > 0]
+        if not active:
+            return
+        drafts = self.proposer.propose([ids[i] for i in active], [reqs[i].all_token_ids for i in active],
+                                       [ks[i] for i in active], [getattr(reqs[i], "job_id", None) for i in active])
+        for i, d in zip(active, drafts):
+            reqs[i].spec_token_ids = list(d[:ks[i]])
+
+    def verify(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
+        """Tokens to emit per request: accepted drafts, then one corrected or bonus token."""
+        N, K1, V = len(reqs), max(rows_per_req), logits.shape[1]
+        dev = logits.device
+        counts = torch.tensor(rows_per_req, device=dev)
+        st = SamplingTensors.from_requests(reqs, V, dev)
+        starts = torch.cumsum(counts, 0) - counts
+        # Scatter the flat scored rows into [N, K+1] (padding rows repeat row 0; never read).
+        col = torch.arange(K1, device=dev)
+        idx = (starts[:, None] + col[None, :]).clamp(max=logits.shape[0] - 1)
+        valid = col[None, :] < counts[:, None]
+        idx = torch.where(valid, idx, starts[:, None])
+        padded_logits = logits[idx]  # [N, K+1, V]
+        target_argmax = padded_logits.argmax(-1)
+        if st.all_greedy:  # greedy rows follow target_argmax: no probabilities or noise needed
+            probs = padded_logits
+            noise = SpecNoise(exp=torch.ones(N, K1, 1, device=dev), uniform=torch.zeros(N, K1 - 1, device=dev))
+        else:
+            probs = processed_probs(padded_logits.reshape(N * K1, V),
+                                    st.repeat(torch.full((N,), K1, device=dev))).reshape(N, K1, V)
+            flat = exponential_noise(reqs, V, dev, self.engine.default_generator, [K1] * N)
+            noise = SpecNoise(exp=flat.reshape(N, K1, V), uniform=torch.rand(N, K1 - 1, device=dev))
+        num_draft = counts - 1
+        drafts = torch.zeros(N, max(1, K1 - 1), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            d = r.spec_token_ids[:rows_per_req[i] - 1]
+            drafts[i, :len(d)] = torch.tensor(d, dtype=torch.long)
+        greedy = st.temperature <= 0
+        if K1 == 1:  # nobody drafted: rejection_sample still handles it, with K = 0
+            drafts = drafts[:, :0]
+        out = rejection_sample(probs, drafts.to(dev), num_draft, greedy=greedy, target_argmax=target_argmax,
+                               noise=noise)
+        tokens = out.tokens.tolist()
+        num_acc = out.num_accepted.tolist()
+        result = []
+        for i, r in enumerate(reqs):
+            proposed = rows_per_req[i] - 1
+            if proposed:
+                self.controller.record(r.request_id, proposed, num_acc[i], getattr(r, "job_id", None))
+                r.spec_proposed += proposed
+                r.spec_accepted += num_acc[i]
+                self.engine.counters["spec_proposed"] += proposed
+                self.engine.counters["spec_accepted"] += num_acc[i]
+            result.append(tokens[i][:num_acc[i] + 1])
+        return result
+
+    def on_finished(self, req: Request) -> None:
+        self.proposer.on_finished(req.request_id, req.output_token_ids, getattr(req, "job_id", None))
+        self.controller.forget(req.request_id)
