@@ -13,6 +13,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="Redis URL (env PREFIXQ_REDIS_URL; default redis://127.0.0.1:6379/0)")
     p.add_argument("--store", default=None, help="store URL file:///path or s3://bucket/prefix (env PREFIXQ_STORE; default file://./.prefixq/store)")
     p.add_argument("--queue", default=None, help="queue name (env PREFIXQ_QUEUE; default prefixq)")
+    # read before parsing by main(); declared here so they may follow the subcommand
+    p.add_argument("--config", default=argparse.SUPPRESS, help="config file (env PREFIXQ_CONFIG; default ~/.config/prefixq/config.toml)")
+    p.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help="log format (env PREFIXQ_LOG_FORMAT)")
 
 
 def _client(a):
@@ -21,7 +24,8 @@ def _client(a):
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="job file: .jsonl / .parquet, or OpenAI Batch API .jsonl")
+    p.add_argument("file", help="job file: .jsonl / .parquet, or OpenAI Batch API .jsonl; or a store URL "
+                                "(s3://bucket/key, file:///path), globs allowed: one job per object")
     p.add_argument("--model", default=None, help="model (default smollm2, or env PREFIXQ_MODEL)")
     p.add_argument("--max-tokens", type=int, default=None, help="default max_tokens for rows that set none (256)")
     p.add_argument("--temperature", type=float, default=None, help="default temperature for rows that set none (1.0)")
@@ -29,22 +33,32 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-format", choices=["parquet", "jsonl"], default=None)
     p.add_argument("--job-id", default=None, help=argparse.SUPPRESS)
     p.add_argument("--wait", action="store_true", help="show a live progress bar until the job ends")
+    p.add_argument("--split-rows", type=int, default=None,
+                   help="split a job with more rows into shards for several workers (default: the worker's, 50000)")
     _common(p)
 
 
 def cmd_submit(a) -> int:
     from jobs.formats import JobFileError
+    from jobs import inputs
     c = _client(a)
+    opts = dict(model=a.model, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                output_format=a.output_format)
     try:
-        job_id = c.submit(a.file, model=a.model, max_tokens=a.max_tokens, temperature=a.temperature,
-                          top_p=a.top_p, output_format=a.output_format, job_id=a.job_id)
+        if inputs.is_store_url(a.file):
+            ids = inputs.submit_url(c, a.file, split_rows=getattr(a, "split_rows", None), **opts)
+        else:
+            ids = [inputs.submit_file(c, a.file, split_rows=getattr(a, "split_rows", None), job_id=a.job_id, **opts)]
     except JobFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(job_id, flush=True)
+    print("\n".join(ids), flush=True)
+    job_id = ids[-1]
+    if a.wait and len(ids) > 1:
+        return max(_print_end(c, c.wait(i, progress=True)) for i in ids)
     if a.wait:
         rec = c.wait(job_id, progress=True)
         return _print_end(c, rec)
@@ -64,7 +78,8 @@ def cmd_worker(a) -> int:
     from worker.main import run_worker
     return run_worker(model=a.model, queue=a.queue, engine=a.engine, burst=a.burst, metrics_port=a.metrics_port,
                       redis_url=a.redis_url, device=a.device, max_num_seqs=a.max_num_seqs,
-                      shard_rows=a.shard_rows, shard_seconds=a.shard_seconds)
+                      shard_rows=a.shard_rows, shard_seconds=a.shard_seconds, split_rows=a.split_rows,
+                      bridge=a.bridge)
 
 
 def _fmt_age(ts) -> str:
@@ -183,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
     p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")
+    p.add_argument("--split-rows", type=int, default=int(os.environ.get("PREFIXQ_SPLIT_ROWS", "50000")),
+                   help="split jobs with more rows into shard jobs for several workers (0: never)")
+    p.add_argument("--no-bridge", dest="bridge", action="store_false",
+                   help="do not serve the plain-Redis submit stream (docs/redis-contract.md)")
     _common(p)
     p.set_defaults(func=cmd_worker)
 
@@ -214,22 +233,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=20)
     _common(p)
     p.set_defaults(func=cmd_ls)
+
+    from jobs import cli_ops
+    cli_ops.add_parsers(sub, _common)
     return ap
 
 
-def _logging():
-    logging.basicConfig(level=os.environ.get("PREFIXQ_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(argv) -> None:
+    """Config file into the environment (flags > env > file), then log setup; before the parser,
+    whose defaults read the environment."""
+    from jobs import config
+    from worker import logging_setup
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--log-format", choices=["text", "json"], default=None)
+    known, _ = pre.parse_known_args(argv)
+    try:
+        config.apply_to_environ(known.config)
+    except config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    logging_setup.setup(known.log_format)
 
 
 def main(argv=None) -> int:
-    _logging()
+    argv = sys.argv[1:] if argv is None else argv
+    _logging(argv)
     a = build_parser().parse_args(argv)
     return a.func(a)
 
 
 def submit_main(argv=None) -> int:
-    _logging()
+    argv = sys.argv[1:] if argv is None else argv
+    _logging(argv)
     ap = argparse.ArgumentParser(prog="submit", description="Validate, upload and enqueue a prefixq job file")
     _add_submit_args(ap)
     return cmd_submit(ap.parse_args(argv))
