@@ -15,7 +15,8 @@ log = logging.getLogger("prefixq.worker")
 def run_worker(model: str | None = None, queue: str | None = None, engine: str | None = None,
                burst: bool = False, metrics_port: int = 9090, redis_url: str | None = None,
                device: str | None = None, max_num_seqs: int = 32, max_inflight: int | None = None,
-               window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0) -> int:
+               window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0,
+               split_rows: int = 0, bridge: bool = False) -> int:
     import redis
     from rq import Queue, SimpleWorker
     from rq.serializers import JSONSerializer
@@ -45,9 +46,18 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
     ctx = runner.WorkerContext(engine=eng, engine_kind=kind, model=model, redis=r_text, metrics=metrics,
                                window=window, max_inflight=max_inflight or max(8, 2 * max_num_seqs),
                                shard_rows=shard_rows, shard_seconds=shard_seconds)
+    ctx.split_rows = split_rows
     runner.set_context(ctx)
     q = Queue(queue, connection=r_bytes, serializer=JSONSerializer)
     w = SimpleWorker([q], connection=r_bytes, serializer=JSONSerializer, name=f"prefixq-{ctx.name}")
     ctx.rq_worker = w
-    w.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    stream_bridge = None
+    if bridge:  # the plain-Redis submit stream (docs/redis-contract.md), served by every worker
+        from worker.stream_bridge import Bridge
+        stream_bridge = Bridge(redis_url, queue=queue, consumer=ctx.name).start()
+    try:
+        w.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    finally:
+        if stream_bridge is not None:
+            stream_bridge.stop()
     return 0

@@ -89,6 +89,7 @@ class WorkerContext:
     progress_seconds: float = 1.0
     heartbeat_seconds: float = 5.0
     rq_worker: object | None = None
+    split_rows: int = 0  # jobs with more rows are split into shard jobs (worker.split_jobs); 0: never
 
 
 _CTX: WorkerContext | None = None
@@ -103,7 +104,9 @@ def run_job(job_id: str) -> dict:
     """rq entry point (JSON-serialized args: just the job id)."""
     if _CTX is None:
         raise RuntimeError("run_job must run inside `prefixq worker` (no engine loaded)")
-    return JobRunner(_CTX, job_id).run()
+    from worker import split_jobs  # splits big jobs, runs shards, tags logs with the job id
+    ctx = _CTX
+    return split_jobs.run(ctx, job_id, lambda: JobRunner(ctx, job_id).run())
 
 
 class Cancelled(Exception):
