@@ -20,6 +20,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     cache_salt: str = ""  # extra key mixed into every block hash
     enforce_eager: bool = False  # no CUDA graphs
+    # Prepare step n+1 while step n runs: "auto" on the GPU; True also on the CPU (tests).
+    async_scheduling: bool | str = "auto"
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes
     # speculative decoding

@@ -26,6 +26,45 @@ from engine.stop_checker import StopChecker
 log = logging.getLogger(__name__)
 
 
+PENDING = -1  # placeholder for a token still being sampled on the device
+
+
+class _Inflight:
+    """A launched step whose sampled tokens have not reached the host yet."""
+
+    def __init__(self, batch, inp, sample_reqs, t0, t1, t2) -> None:
+        self.batch, self.inp, self.sample_reqs = batch, inp, sample_reqs
+        self.t0, self.t1, self.t2 = t0, t1, t2
+        self.out_index: list[int] = []
+        self.tokens: torch.Tensor | None = None  # on the device; the next step gathers inputs from it
+        self.logprobs: torch.Tensor | None = None
+        self.host_tokens: list | None = None
+        self.logprobs_host: list | None = None
+        self._host: torch.Tensor | None = None
+        self._host_lp: torch.Tensor | None = None
+        self._event = None
+
+    def copy_to_host(self) -> None:
+        if self.tokens.is_cuda:
+            # Copy right behind the sampling kernels, so waiting for it does not wait for the next step.
+            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self._host.copy_(self.tokens, non_blocking=True)
+            if self.logprobs is not None:
+                self._host_lp = torch.empty(self.logprobs.shape, dtype=self.logprobs.dtype, pin_memory=True)
+                self._host_lp.copy_(self.logprobs, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._host_lp = self.tokens, self.logprobs
+
+    def wait(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        if self._host_lp is not None:
+            self.logprobs_host = self._host_lp.tolist()
+        return self._host.tolist()
+
+
 class LLMEngine:
     def __init__(self, model: str, tokenizer=None, **kwargs) -> None:
         path = resolve_model(model)
@@ -49,6 +88,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
         self._pending: list[RequestOutput] = []  # rejected at add_request
+        self._inflight: _Inflight | None = None  # launched, not yet finished on the host
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                          "spec_proposed": 0, "spec_accepted": 0, "steps": 0, "finished": 0}
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
@@ -58,6 +98,9 @@ class LLMEngine:
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
             self.spec = SpecDecoder(self)
+        # Overlap host work with the GPU; speculation needs tokens on the host to propose.
+        a = self.config.async_scheduling
+        self.async_output = self.spec is None and (a is True or (a == "auto" and self.device.type == "cuda"))
 
     # ---- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -91,13 +134,16 @@ class LLMEngine:
             self._forget(req)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._pending)
+        return self.scheduler.has_unfinished() or bool(self._pending) or self._inflight is not None
 
     def num_unfinished(self) -> int:
         return self.scheduler.num_unfinished()
 
     # ---- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One scheduling step. With `async_output` (GPU, no speculation) the step that is
+        launched here runs on the GPU while the host finishes the previous one, so the
+        outputs returned are those of the previous step."""
         outputs, self._pending = self._pending, []
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
@@ -106,52 +152,82 @@ class LLMEngine:
         for req in batch.errors:
             self._forget(req)
             outputs.append(self._output(req, "error"))
-        if not batch.requests:
-            return outputs
+        launched = self._launch(batch, t0) if batch.requests else None
+        if self.async_output:
+            done, self._inflight = self._inflight, launched
+        else:
+            done = launched
+        if done is not None:
+            outputs.extend(self._finish(done))
+        return outputs
+
+    def _launch(self, batch, t0: float) -> "_Inflight":
+        prev = self._inflight.tokens if self._inflight is not None else None
         t1 = time.perf_counter()
-        inp = self.runner.prepare(batch)
+        inp = self.runner.prepare(batch, prev)
         t2 = time.perf_counter()
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]
+        fl = _Inflight(batch, inp, sample_reqs, t0, t1, t2)
         if self.spec is not None and any(n > 1 for n in inp.rows_per_req):
-            new_tokens = self.spec.verify(sample_reqs, inp.rows_per_req, logits)
-            logprobs = [None] * len(sample_reqs)
+            fl.host_tokens = self.spec.verify(sample_reqs, inp.rows_per_req, logits)
         else:
-            new_tokens, logprobs = self._sample(sample_reqs, logits)
-        t3 = time.perf_counter()  # sampling ends in a host copy, so the GPU work is done here
+            st = SamplingTensors.from_requests(sample_reqs, self.vocab_size, self.device)
+            noise = None if st.all_greedy else exponential_noise(sample_reqs, logits.shape[1], self.device,
+                                                                 self.default_generator)
+            fl.tokens, fl.logprobs = sample(logits, st, noise, any(r.params.logprobs for r in sample_reqs))
+            fl.copy_to_host()
+        # The scheduled tokens' KV is written by this step; each sampling request gets a
+        # placeholder for its new token, filled in by `_finish`.
+        for req, n in zip(batch.requests, batch.num_tokens):
+            req.num_computed_tokens += n
+        for j, req in enumerate(sample_reqs):
+            fl.out_index.append(len(req.output_token_ids))
+            req.output_token_ids.append(PENDING)
+            req.pending_row = j
+            req.num_pending += 1
+        return fl
+
+    def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
+        toks_all = fl.host_tokens if fl.host_tokens is not None else fl.wait()
+        t3 = time.perf_counter()
         now = time.monotonic()
-        sampled = dict(zip(inp.sample_rows, zip(new_tokens, logprobs, inp.rows_per_req)))
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+        outputs = []
+        sampled = set(fl.inp.sample_rows)
+        for i, req in enumerate(fl.batch.requests):
+            if i not in sampled and not req.is_finished:  # a prefill chunk short of the prompt's end
+                self.block_manager.cache_full_blocks(req)
+        for j, req in enumerate(fl.sample_reqs):
             if req.is_finished:
                 continue
-            if i not in sampled:  # a prefill chunk that has not reached the prompt's end
-                req.num_computed_tokens += n
-                self.block_manager.cache_full_blocks(req)
-                continue
-            toks, lp, scored = sampled[i]
-            # Accepted drafts keep the KV written while verifying them; the slots of
-            # rejected ones are simply overwritten by the next tokens.
-            req.num_computed_tokens += n - (scored - 1) + len(toks) - 1
-            req.spec_token_ids = []
+            req.num_pending -= 1
+            idx = fl.out_index[j]
+            toks = toks_all[j] if isinstance(toks_all[j], list) else [toks_all[j]]
+            scored = fl.inp.rows_per_req[j]
+            if scored > 1:  # speculative: accepted drafts keep their KV, rejected slots get overwritten
+                req.num_computed_tokens -= (scored - 1) - (len(toks) - 1)
+                req.spec_token_ids = []
+            req.output_token_ids[idx:idx + 1] = toks
+            if fl.logprobs_host is not None:
+                req.output_logprobs.append(fl.logprobs_host[j])
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.counters["prompt_tokens"] += req.num_prompt_tokens
                 self.counters["cached_tokens"] += req.num_cached_tokens
             reason = None
-            for j, t in enumerate(toks):
-                req.output_token_ids.append(t)
-                if lp is not None:
-                    req.output_logprobs.append(lp[j])
+            for k in range(len(toks)):
                 self.counters["generated_tokens"] += 1
-                reason = self.stop_checker.check(req)
+                reason = self.stop_checker.check(req, idx + k + 1)
                 if reason:
+                    del req.output_token_ids[idx + k + 1:]  # drop later placeholders and drafts
                     break
-            self.block_manager.cache_full_blocks(req)
             if reason:
                 self.scheduler.finish(req, reason)
                 self._forget(req)
                 outputs.append(self._output(req, reason))
-        self._record_step(inp, t0, t1, t2, t3, time.perf_counter())
+            else:
+                self.block_manager.cache_full_blocks(req)
+        self._record_step(fl.inp, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
         return outputs
 
     def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:
@@ -164,16 +240,6 @@ class LLMEngine:
         if self.step_log is not None:
             m = inp.meta
             self.step_log.append((t4 - t0, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
-
-    def _sample(self, reqs: list[Request], logits: torch.Tensor):
-        st = SamplingTensors.from_requests(reqs, self.vocab_size, self.device)
-        noise = None if st.all_greedy else exponential_noise(reqs, logits.shape[1], self.device,
-                                                             self.default_generator)
-        want_lp = any(r.params.logprobs for r in reqs)
-        tokens, logprobs = sample(logits, st, noise, want_lp)
-        tokens = tokens.tolist()
-        lps = logprobs.tolist() if logprobs is not None else [None] * len(tokens)
-        return [[t] for t in tokens], [[lp] if lp is not None else None for lp in lps]
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)

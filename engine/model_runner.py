@@ -121,13 +121,17 @@ class ModelRunner:
         del kc, h
 
     # ---- inputs ------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepInputs:
+        """Flat inputs for the batch. A token still being sampled by the previous step
+        (a placeholder on the host) is gathered from `prev_tokens` on the device."""
         reqs, counts = batch.requests, batch.num_tokens
         B = len(reqs)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
         lens = np.asarray(counts, dtype=np.int64)
         T = int(lens.sum())
         ids: list[int] = []
+        gather_at: list[int] = []
+        gather_from: list[int] = []
         sample_rows, rows_per_req, logit_idx = [], [], []
         cu = 0
         for i, (r, s, n) in enumerate(zip(reqs, starts.tolist(), counts)):
@@ -135,7 +139,11 @@ class ModelRunner:
             if s + n <= len(r.prompt_token_ids):
                 ids.extend(r.prompt_token_ids[s:s + n])
             elif n == 1 and not r.spec_token_ids:
-                ids.append(r.output_token_ids[-1])  # plain decode
+                t = r.output_token_ids[-1]  # plain decode
+                if t < 0:
+                    gather_at.append(len(ids))
+                    gather_from.append(r.pending_row)
+                ids.append(t)
             else:
                 ids.extend((r.all_token_ids + r.spec_token_ids)[s:s + n])
             end = s + n
@@ -163,7 +171,10 @@ class ModelRunner:
             slot_mapping=_to(slots, dev), block_tables=_to(table, dev),
             context_lens=_to((starts + lens).astype(np.int32), dev), cu_seqlens_q=_to(cu_q, dev),
             is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int((starts + lens).max()))
-        return StepInputs(_to(np.asarray(ids, dtype=np.int64), dev), _to(pos, dev), meta,
+        input_ids = _to(np.asarray(ids, dtype=np.int64), dev)
+        if gather_at:
+            input_ids[_to(np.asarray(gather_at), dev)] = prev_tokens[_to(np.asarray(gather_from), dev)]
+        return StepInputs(input_ids, _to(pos, dev), meta,
                           _to(np.asarray(logit_idx, dtype=np.int64), dev), sample_rows, rows_per_req,
                           int((starts + lens).sum()))
 

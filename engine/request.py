@@ -46,6 +46,10 @@ class Request:
     _detok_prefix: int = 0
     _detok_read: int = 0
     spec_proposed: int = 0
+    # Tokens sampled on the device whose ids the host has not seen yet (async output).
+    num_pending: int = 0
+    pending_row: int = -1  # row of the newest one in that step's sampled-token tensor
+    job_id: str | None = None
     spec_accepted: int = 0
 
     @property

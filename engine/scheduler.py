@@ -94,6 +94,8 @@ class Scheduler:
             self.waiting = self.waiting_order(self.waiting)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted while its last token was on the device: admit once it lands
             if req.num_prompt_tokens >= self.max_model_len:
                 self.waiting.popleft()
                 req.error = (f"prompt has {req.num_prompt_tokens} tokens; the model's context "
@@ -128,6 +130,8 @@ class Scheduler:
         self.bm.free(req)
         if req in self.running:
             self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
 
     def abort(self, request_id: str) -> Request | None:
         for q in (self.running, self.waiting):

@@ -163,3 +163,22 @@ def test_engine_on_triton_kernels_matches_transformers(monkeypatch):
     eng = tiny_engine("llama-gqa3-tied", max_num_batched_tokens=32)
     outs = run_engine(eng, prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == expected
+
+
+def test_async_output_matches_transformers_with_preemption_and_stops():
+    """The overlapped step (host finishes step n while step n+1 is launched) on the CPU."""
+    prompts = mixed_prompts(24, 256, 20, 100, seed=13)
+    expected = hf_greedy(tiny_model_dir("qwen2"), prompts, GREEDY.max_tokens)
+    eng = tiny_engine("qwen2", num_gpu_blocks_override=20, max_num_batched_tokens=128, async_scheduling=True)
+    assert eng.async_output
+    outs = run_engine(eng, prompts, GREEDY)
+    assert eng.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == expected
+    assert eng.block_manager.num_free_blocks == 20
+    # Stops: a stop token id and max_tokens end requests while their next step is in flight.
+    stop_at = expected[0][4]
+    outs = run_engine(eng, prompts[:2], [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at]),
+        SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)])
+    assert outs[0].token_ids == expected[0][:expected[0].index(stop_at) + 1]
+    assert outs[1].token_ids == expected[1][:5] and outs[1].finish_reason == "length"
