@@ -1,6 +1,7 @@
 """Python client: submit / status / results / cancel, for other Python services."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -19,6 +20,30 @@ def _rq_queue(r_bytes, name: str) -> Queue:
     return Queue(name, connection=r_bytes, serializer=JSONSerializer)
 
 
+def enqueue_run(r_bytes, queue: str, job_id: str, rq_id: str | None = None) -> None:
+    """Put one run of a job on the rq queue. Requeues use a fresh rq id (`<id>-r<n>`) so rq's
+    bookkeeping of the earlier run (started/finished/failed registries) cannot touch this one;
+    the job id, the only argument, is what the worker runs."""
+    _rq_queue(r_bytes, queue).enqueue(RQ_FUNC, job_id, job_id=rq_id or job_id, job_timeout=-1,
+                                      result_ttl=86400, failure_ttl=7 * 86400,
+                                      description=f"prefixq job {job_id}")
+
+
+def flush_requeues(r_text, r_bytes, limit: int = 500) -> int:
+    """Enqueue jobs that were moved back to `queued` (reaper, graceful stop, retry) and not yet
+    confirmed on the rq queue. Enqueuing twice is harmless: only one run can claim the job."""
+    n = 0
+    for job_id in r_text.srandmember(state.REQUEUE_SET, limit) or []:
+        rec = state.get(r_text, job_id)
+        if rec is None or rec["status"] != "queued":
+            r_text.srem(state.REQUEUE_SET, job_id)
+            continue
+        enqueue_run(r_bytes, rec.get("queue") or state.DEFAULT_QUEUE, job_id, f"{job_id}-r{rec.get('attempts', 0)}")
+        r_text.srem(state.REQUEUE_SET, job_id)
+        n += 1
+    return n
+
+
 class Client:
     def __init__(self, redis_url: str | None = None, store_url: str | None = None, queue: str | None = None):
         self.redis_url = redis_url or state.redis_url()
@@ -34,8 +59,7 @@ class Client:
         return self._store
 
     def _rq(self):
-        import redis
-        return _rq_queue(redis.Redis.from_url(self.redis_url), self.queue)
+        return _rq_queue(state.connect(self.redis_url, decode=False), self.queue)
 
     def submit(self, path: str, *, model: str | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
@@ -65,8 +89,9 @@ class Client:
             "manifest_key": f"{state.job_prefix(job_id)}/manifest.json",
             "errors_key": f"{state.job_prefix(job_id)}/errors.jsonl" if info["kind"] == "openai" else "",
         })
-        self._rq().enqueue(RQ_FUNC, job_id, job_id=job_id, job_timeout=-1, result_ttl=86400,
-                           failure_ttl=7 * 86400, description=f"prefixq job {job_id}")
+        self.store.put_bytes(f"{state.job_prefix(job_id)}/job.json", json.dumps(
+            state.get(self.r, job_id), default=str).encode())  # lets `prefixq recover` rebuild it
+        enqueue_run(self._rq().connection, self.queue, job_id)
         return job_id
 
     def status(self, job_id: str) -> dict:
@@ -95,6 +120,27 @@ class Client:
                 pass
         state.set_status(self.r, job_id, "cancelled", error="cancelled by user")
         return True
+
+    def retry(self, job_id: str) -> None:
+        """Requeue a dead, failed or cancelled job by hand; rows already committed are kept,
+        and the dead-letter count starts again from zero."""
+        rec = self.status(job_id)
+        if rec["status"] not in ("dead", "failed", "cancelled"):
+            raise ValueError(f"job {job_id} is {rec['status']}; only dead, failed or cancelled jobs can be retried")
+        state.add_attempt_reason(self.r, job_id, {"kind": "manual_retry", "at": time.time(),
+                                                  "from_status": rec["status"]})
+        state.set_status(self.r, job_id, "queued", cancel_requested=0, error="", finished_at="", run_token="")
+        self.r.sadd(state.REQUEUE_SET, job_id)
+        flush_requeues(self.r, self._rq().connection)
+
+    def presign(self, job_id: str, expires: int = 3600) -> list[str]:
+        """Presigned GET URLs (S3 stores only) for the job's results, errors and manifest."""
+        rec = self.status(job_id)
+        if rec["status"] != "succeeded":
+            raise RuntimeError(f"job {job_id} is {rec['status']}; results exist once it has succeeded")
+        store = open_store(rec.get("store_url") or self.store_url)
+        keys = [rec["results_key"]] + [k for k in (rec.get("errors_key"), rec.get("manifest_key")) if k]
+        return [store.presign(k, expires) for k in keys if store.exists(k)]
 
     def result_uri(self, job_id: str) -> str:
         rec = self.status(job_id)

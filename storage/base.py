@@ -70,6 +70,31 @@ class Store:
     def uri(self, key: str) -> str:
         raise NotImplementedError
 
+    def presign(self, key: str, expires: int = 3600) -> str:
+        raise StoreError(f"presigned URLs need an S3 store; {self.url.split('://')[0]}:// stores have none "
+                         "(read the files directly, or use --store s3://bucket/prefix)")
+
+
+MULTIPART_THRESHOLD = int(os.environ.get("PREFIXQ_S3_MULTIPART_BYTES", str(64 << 20)))
+MULTIPART_PART = max(5 << 20, int(os.environ.get("PREFIXQ_S3_PART_BYTES", str(16 << 20))))
+
+
+def sse_args() -> dict:
+    """S3 server-side encryption from PREFIXQ_S3_SSE (AES256 | aws:kms) and
+    PREFIXQ_S3_SSE_KMS_KEY_ID, passed on every put and multipart create."""
+    mode = os.environ.get("PREFIXQ_S3_SSE", "").strip()
+    if not mode:
+        return {}
+    if mode not in ("AES256", "aws:kms", "aws:kms:dsse"):
+        raise ValueError(f"PREFIXQ_S3_SSE must be AES256, aws:kms or aws:kms:dsse, got {mode!r}")
+    out = {"ServerSideEncryption": mode}
+    kms = os.environ.get("PREFIXQ_S3_SSE_KMS_KEY_ID", "").strip()
+    if kms:
+        if not mode.startswith("aws:kms"):
+            raise ValueError("PREFIXQ_S3_SSE_KMS_KEY_ID needs PREFIXQ_S3_SSE=aws:kms")
+        out["SSEKMSKeyId"] = kms
+    return out
+
 
 class LocalStore(Store):
     def __init__(self, root: str | os.PathLike):
@@ -165,9 +190,10 @@ class S3Store(Store):
             cfg = Config(
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
-                retries={"mode": "standard", "max_attempts": int(os.environ.get("PREFIXQ_S3_MAX_ATTEMPTS", "5"))},
-                connect_timeout=10,
-                read_timeout=60,
+                retries={"mode": os.environ.get("PREFIXQ_S3_RETRY_MODE", "standard"),
+                         "max_attempts": int(os.environ.get("PREFIXQ_S3_MAX_ATTEMPTS", "5"))},
+                connect_timeout=float(os.environ.get("PREFIXQ_S3_CONNECT_TIMEOUT", "10")),
+                read_timeout=float(os.environ.get("PREFIXQ_S3_READ_TIMEOUT", "60")),
             )
             client = boto3.client(
                 "s3",
@@ -179,6 +205,7 @@ class S3Store(Store):
                 config=cfg,
             )
         self.client = client
+        self.sse = sse_args()
 
     def _k(self, key: str) -> str:
         validate_key(key)
@@ -186,24 +213,63 @@ class S3Store(Store):
 
     def _put(self, key, body, if_none_match):
         from botocore.exceptions import ClientError
-        kw = {"Bucket": self.bucket, "Key": self._k(key), "Body": body}
+        kw = {"Bucket": self.bucket, "Key": self._k(key), "Body": body, **self.sse}
         if if_none_match:
             kw["IfNoneMatch"] = "*"
         try:
             self.client.put_object(**kw)
         except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if if_none_match and (code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)):
-                raise AlreadyExists(key) from None
+            self._raise_exists(e, key, if_none_match)
             raise
+
+    @staticmethod
+    def _raise_exists(e, key: str, if_none_match: bool) -> None:
+        code = e.response.get("Error", {}).get("Code", "")
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if if_none_match and (code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)):
+            raise AlreadyExists(key) from None
 
     def put_bytes(self, key, data, *, if_none_match=False):
         self._put(key, data, if_none_match)
 
     def put_file(self, key, path, *, if_none_match=False):
+        if os.path.getsize(path) > MULTIPART_THRESHOLD:
+            return self._put_multipart(key, path, if_none_match)
         with open(path, "rb") as f:
             self._put(key, f, if_none_match)
+
+    def _put_multipart(self, key: str, path: str, if_none_match: bool) -> None:
+        """Large objects (final results of big jobs): multipart, with SSE on create and
+        If-None-Match on complete, so the write-once guarantee holds at any size."""
+        from botocore.exceptions import ClientError
+        k = self._k(key)
+        up = self.client.create_multipart_upload(Bucket=self.bucket, Key=k, **self.sse)["UploadId"]
+        try:
+            parts = []
+            with open(path, "rb") as f:
+                n = 1
+                while chunk := f.read(MULTIPART_PART):
+                    etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=up, PartNumber=n,
+                                                   Body=chunk)["ETag"]
+                    parts.append({"ETag": etag, "PartNumber": n})
+                    n += 1
+            kw = {"IfNoneMatch": "*"} if if_none_match else {}
+            try:
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=k, UploadId=up,
+                                                      MultipartUpload={"Parts": parts}, **kw)
+            except ClientError as e:
+                self._raise_exists(e, key, if_none_match)
+                raise
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=k, UploadId=up)
+            except Exception:  # noqa: BLE001 - the lifecycle rule cleans up what this misses
+                pass
+            raise
+
+    def presign(self, key: str, expires: int = 3600) -> str:
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.bucket, "Key": self._k(key)},
+                                                  ExpiresIn=int(expires))
 
     def get_bytes(self, key):
         from botocore.exceptions import ClientError
@@ -250,12 +316,18 @@ class S3Store(Store):
 
 
 def default_store_url() -> str:
-    return os.environ.get("PREFIXQ_STORE", "file://" + str(Path.cwd() / ".prefixq" / "store"))
+    """PREFIXQ_STORE_URL (what infra/ sets), else PREFIXQ_STORE, else ./.prefixq/store."""
+    return (os.environ.get("PREFIXQ_STORE_URL") or os.environ.get("PREFIXQ_STORE")
+            or "file://" + str(Path.cwd() / ".prefixq" / "store"))
 
 
 def open_store(url: str | None = None) -> Store:
     url = url or default_store_url()
     u = urlparse(url)
+    if "@" in u.netloc:
+        # never echo the URL: it would put the credentials in the error, logs and job records
+        raise ValueError(f"store URL for {u.scheme}:// must not carry credentials; use AWS_ACCESS_KEY_ID / "
+                         "AWS_SECRET_ACCESS_KEY or another boto3 credential source")
     if u.scheme == "file":
         path = (u.netloc + u.path) if u.netloc else u.path
         return LocalStore(path)
