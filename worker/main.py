@@ -18,7 +18,7 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
                window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0,
                split_rows: int = 0, bridge: bool = False) -> int:
     import redis
-    from rq import Queue, SimpleWorker
+    from rq import Queue
     from rq.serializers import JSONSerializer
 
     from jobs import state
@@ -30,7 +30,7 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
     model = model or os.environ.get("PREFIXQ_MODEL", "smollm2")
     queue = queue or os.environ.get("PREFIXQ_QUEUE", state.DEFAULT_QUEUE)
     r_text = state.connect(redis_url)
-    r_bytes = redis.Redis.from_url(redis_url)
+    r_bytes = state.connect(redis_url, decode=False)  # reconnects with backoff (Redis restarts)
 
     metrics = Metrics(redis_conn=r_text)
     if metrics_port:
@@ -45,19 +45,36 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
 
     ctx = runner.WorkerContext(engine=eng, engine_kind=kind, model=model, redis=r_text, metrics=metrics,
                                window=window, max_inflight=max_inflight or max(8, 2 * max_num_seqs),
-                               shard_rows=shard_rows, shard_seconds=shard_seconds)
+                               shard_rows=shard_rows, shard_seconds=shard_seconds, redis_bytes=r_bytes,
+                               drain_seconds=float(os.environ.get("PREFIXQ_DRAIN_SECONDS", "30")),
+                               heartbeat_ttl=float(os.environ.get("PREFIXQ_HEARTBEAT_TTL_S", "30")),
+                               heartbeat_seconds=float(os.environ.get("PREFIXQ_HEARTBEAT_S", "5")))
     ctx.split_rows = split_rows
     runner.set_context(ctx)
     q = Queue(queue, connection=r_bytes, serializer=JSONSerializer)
-    w = SimpleWorker([q], connection=r_bytes, serializer=JSONSerializer, name=f"prefixq-{ctx.name}")
-    ctx.rq_worker = w
+    from worker.lifecycle import PrefixqWorker, work_forever
+    from worker.reaper import Reaper, ReaperConfig
+
+    def make_rq_worker():
+        # a fresh rq worker each time the loop restarts after a Redis outage
+        w = PrefixqWorker([q], connection=r_bytes, serializer=JSONSerializer,
+                          name=f"prefixq-{ctx.name}-{int(time.time() * 1000) % 10**9}")
+        w.stop_event = ctx.stop_event
+        ctx.rq_worker = w
+        return w
+
+    reaper = Reaper(r_text, r_bytes, ctx.name, ReaperConfig(
+        interval_s=float(os.environ.get("PREFIXQ_REAP_INTERVAL_S", "5")),
+        grace_s=float(os.environ.get("PREFIXQ_REAP_GRACE_S", "60"))))
+    reaper.start()
     stream_bridge = None
     if bridge:  # the plain-Redis submit stream (docs/redis-contract.md), served by every worker
         from worker.stream_bridge import Bridge
         stream_bridge = Bridge(redis_url, queue=queue, consumer=ctx.name).start()
     try:
-        w.work(burst=burst, logging_level="INFO", with_scheduler=False)
+        work_forever(make_rq_worker, burst, ctx.stop_event)
     finally:
+        reaper.stop()
         if stream_bridge is not None:
             stream_bridge.stop()
     return 0
