@@ -11,7 +11,7 @@ import time
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="Redis URL (env PREFIXQ_REDIS_URL; default redis://127.0.0.1:6379/0)")
-    p.add_argument("--store", default=None, help="store URL file:///path or s3://bucket/prefix (env PREFIXQ_STORE; default file://./.prefixq/store)")
+    p.add_argument("--store", default=None, help="store URL file:///path or s3://bucket/prefix (env PREFIXQ_STORE_URL or PREFIXQ_STORE; default file://./.prefixq/store)")
     p.add_argument("--queue", default=None, help="queue name (env PREFIXQ_QUEUE; default prefixq)")
     # read before parsing by main(); declared here so they may follow the subcommand
     p.add_argument("--config", default=argparse.SUPPRESS, help="config file (env PREFIXQ_CONFIG; default ~/.config/prefixq/config.toml)")
@@ -96,24 +96,34 @@ def cmd_status(a) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if a.watch and rec["status"] not in ("succeeded", "failed", "cancelled"):
+    if a.watch and rec["status"] not in ("succeeded", "failed", "cancelled", "dead"):
         rec = c.wait(a.job_id, progress=True)
     if a.json:
         print(json.dumps(rec, indent=2, default=str))
         return 0
     for k in ("id", "status", "model", "total", "done", "failed", "attempts", "worker", "rows_per_s",
-              "created_at", "started_at", "finished_at", "error", "results_key"):
+              "created_at", "started_at", "finished_at", "paused", "error", "results_key"):
         v = rec.get(k)
         if k.endswith("_at") and v:
             v = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(v)))
         print(f"{k:12} {'' if v is None else v}")
     for reason in rec.get("attempt_reasons", []):
-        print(f"attempt {reason.get('attempt')}: {reason.get('error')}")
+        print(f"attempt {reason.get('attempt', '-')} [{reason.get('kind', 'error')}] "
+              f"{reason.get('worker') or ''}: {reason.get('error') or ''}")
     return 0
 
 
 def cmd_results(a) -> int:
     c = _client(a)
+    if a.presign:
+        from storage.base import StoreError
+        try:
+            for url in c.presign(a.job_id, a.expires):
+                print(url)
+        except (KeyError, ValueError, RuntimeError, StoreError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     try:
         path = c.results(a.job_id, a.output)
     except (KeyError, ValueError, RuntimeError) as e:
@@ -216,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("-o", "--output", default=None, help="output file (default ./<id>-results.<ext>)")
     p.add_argument("--print", action="store_true", help="also print the results as a table")
+    p.add_argument("--presign", action="store_true",
+                   help="print presigned GET URLs for the results (S3 stores) instead of downloading")
+    p.add_argument("--expires", type=int, default=3600, help="presigned URL lifetime in seconds (default 3600)")
     _common(p)
     p.set_defaults(func=cmd_results)
 
@@ -236,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jobs import cli_ops
     cli_ops.add_parsers(sub, _common)
+    from jobs import cli_reliability
+    cli_reliability.add_parsers(sub, _common)
     return ap
 
 
