@@ -78,6 +78,9 @@ class Client:
                     if v is not None}
         job_id = state.validate_job_id(job_id) if job_id else state.new_job_id()
         ext = "parquet" if info["format"] == "parquet" else "jsonl"
+        with open(path, "rb") as f:
+            if info["format"] == "jsonl" and f.read(2) == formats.GZIP_MAGIC:
+                ext += ".gz"  # stored as given; the worker decompresses it with the same limits
         input_key = f"{state.job_prefix(job_id)}/input.{ext}"
         self.store.put_file(input_key, path)
         state.create(self.r, job_id, {

@@ -9,18 +9,35 @@ and the field. Row-level problems (prompt too long for the model, invalid
 sampling values such as a negative temperature) are *not* checked here: they
 fail only that row at run time and the error goes into the results.
 
-Unknown fields are ignored (documented in the README).
+Unknown fields are ignored (documented in the README): they are neither validated nor kept
+in the results.
+
+Compressed input: `.jsonl.gz` (any JSONL file starting with the gzip magic bytes) is read
+through a decompressor that refuses more than PREFIXQ_MAX_INPUT_BYTES decompressed bytes
+(default 16 GiB), so a gzip bomb fails at submit with a clear file-level error. A single line
+longer than PREFIXQ_MAX_LINE_BYTES (default 64 MiB) is refused too, instead of being read into memory.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import zlib
 from typing import Iterator
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 OPENAI_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-JSONL_EXTS = (".jsonl", ".ndjson", ".json")
+JSONL_EXTS = (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz", ".json.gz")
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def max_input_bytes() -> int:
+    return int(os.environ.get("PREFIXQ_MAX_INPUT_BYTES", str(16 << 30)))
+
+
+def max_line_bytes() -> int:
+    return int(os.environ.get("PREFIXQ_MAX_LINE_BYTES", str(64 << 20)))
 PARQUET_EXTS = (".parquet", ".pq")
 
 
@@ -41,7 +58,7 @@ def detect_format(path: str) -> str:
         return "parquet"
     if low.endswith(JSONL_EXTS):
         return "jsonl"
-    raise JobFileError(path, "unknown file format (expected .jsonl, .ndjson, .json or .parquet)")
+    raise JobFileError(path, "unknown file format (expected .jsonl, .ndjson, .json, .jsonl.gz or .parquet)")
 
 
 def _is_int(v) -> bool:
@@ -172,19 +189,30 @@ def normalize_openai(obj, err) -> dict:
 def _iter_jsonl(path: str) -> Iterator[tuple[int, object, str]]:
     """Yield (line number, parsed object, kind) for each non-blank line."""
     try:
-        f = open(path, "rb")
+        with open(path, "rb") as probe:
+            gz = probe.read(2) == GZIP_MAGIC
+        f = gzip.open(path, "rb") if gz else open(path, "rb")
     except OSError as e:
         raise JobFileError(path, f"cannot read file: {e.strerror or e}") from None
+    limit, line_limit = max_input_bytes(), max_line_bytes()
     with f:
         lineno = 0
+        read = 0
         while True:
             try:
-                raw = f.readline()
-            except OSError as e:
-                raise JobFileError(path, f"cannot read file: {e}", lineno + 1, unit="line") from None
+                raw = f.readline(line_limit + 1)
+            except (OSError, EOFError, zlib.error) as e:  # corrupt or truncated gzip stream
+                raise JobFileError(path, f"cannot read file: {type(e).__name__}: {e}", lineno + 1, unit="line") from None
             if not raw:
                 break
             lineno += 1
+            read += len(raw)
+            if read > limit:
+                raise JobFileError(path, f"input is larger than {limit} bytes once decompressed "
+                                         "(gzip bomb?); raise PREFIXQ_MAX_INPUT_BYTES to accept it", lineno, unit="line")
+            if len(raw) > line_limit:
+                raise JobFileError(path, f"line is longer than {line_limit} bytes (PREFIXQ_MAX_LINE_BYTES)", lineno,
+                                   unit="line")
             complete = raw.endswith(b"\n")
             try:
                 text = raw.decode("utf-8")

@@ -27,6 +27,9 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
     from worker.metrics import Metrics
 
     redis_url = redis_url or state.redis_url()
+    from jobs import redact
+    redact.add_secret_urls(redis_url)
+    redact.install()
     model = model or os.environ.get("PREFIXQ_MODEL", "smollm2")
     queue = queue or os.environ.get("PREFIXQ_QUEUE", state.DEFAULT_QUEUE)
     r_text = state.connect(redis_url)

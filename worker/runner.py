@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from engine.sampling_params import SamplingParams
 from jobs import formats, state
 from jobs.client import flush_requeues
+from jobs.redact import redact
 from storage import open_store
 from storage.retry import OutageRetry, StoreUnavailable
 from worker import results as res
@@ -197,11 +198,11 @@ class JobRunner:
             end = ("queued", {"kind": "drained", "error": str(e)})
             return {"status": "requeued"}
         except StoreUnavailable as e:
-            end = self._failure_end("store_unavailable", str(e))
+            end = self._failure_end("store_unavailable", redact(str(e)))
             return {"status": end[0]}
         except Exception as e:  # noqa: BLE001 - a job failure never takes the worker down
             log.exception("job %s failed", self.job_id)
-            msg = f"{type(e).__name__}: {e}"[:2000]
+            msg = redact(f"{type(e).__name__}: {e}")[:2000]
             self._end("failed", reason={"kind": "error", "error": msg}, error=msg)
             raise
         finally:
