@@ -166,17 +166,20 @@ class ModelRunner:
         slots = table[row, pos // self.block_size].astype(np.int64) * self.block_size + pos % self.block_size
         slots[pos < hit[row]] = -1  # already in a cached block: keep that KV
         dev = self.device
-        is_decode = bool((lens == 1).all())
-        meta = AttentionMetadata(
-            slot_mapping=_to(slots, dev), block_tables=_to(table, dev),
-            context_lens=_to((starts + lens).astype(np.int32), dev), cu_seqlens_q=_to(cu_q, dev),
-            is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int((starts + lens).max()))
-        input_ids = _to(np.asarray(ids, dtype=np.int64), dev)
+        ctx = starts + lens
+        # One host-to-device copy for everything; the pieces are views of it.
+        parts = [np.asarray(ids, dtype=np.int64), pos, slots, ctx, cu_q, np.asarray(logit_idx, dtype=np.int64),
+                 table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64)]
+        flat = _to(np.concatenate(parts).astype(np.int64, copy=False), dev)
+        input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = torch.split(
+            flat, [len(p) for p in parts])
         if gather_at:
-            input_ids[_to(np.asarray(gather_at), dev)] = prev_tokens[_to(np.asarray(gather_from), dev)]
-        return StepInputs(input_ids, _to(pos, dev), meta,
-                          _to(np.asarray(logit_idx, dtype=np.int64), dev), sample_rows, rows_per_req,
-                          int((starts + lens).sum()))
+            input_ids[g_at] = prev_tokens[g_from]
+        meta = AttentionMetadata(
+            slot_mapping=slots_t, block_tables=table_t.view(B, max_blocks).to(torch.int32),
+            context_lens=ctx_t.to(torch.int32), cu_seqlens_q=cu_t.to(torch.int32),
+            is_decode=bool((lens == 1).all()), max_q_len=int(lens.max()), max_context_len=int(ctx.max()))
+        return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()))
 
     # ---- forward -------------------------------------------------------------
     @torch.inference_mode()
