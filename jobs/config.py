@@ -47,6 +47,9 @@ KEYS: tuple[Key, ...] = (
 BY_NAME = {k.name: k for k in KEYS}
 
 
+_INJECTED: dict[str, str] = {}  # environment variables this process set from the config file
+
+
 class ConfigError(ValueError):
     pass
 
@@ -100,7 +103,7 @@ def resolve(flags: dict | None = None, config_file: str | None = None, environ=o
     for k in KEYS:
         if k.flag and flags.get(k.flag) is not None:
             out[k.name] = Setting(k, str(flags[k.flag]), "flag")
-        elif environ.get(k.env):
+        elif environ.get(k.env) and _INJECTED.get(k.env) != environ[k.env]:
             out[k.name] = Setting(k, environ[k.env], "env")
         elif k.name in from_file:
             out[k.name] = Setting(k, from_file[k.name], f"file:{path}")
@@ -115,6 +118,7 @@ def apply_to_environ(config_file: str | None = None, environ=os.environ) -> dict
     for s in settings.values():
         if s.source.startswith("file:"):
             environ[s.key.env] = s.value
+            _INJECTED[s.key.env] = s.value  # so `prefixq config` still reports the file as the source
     return settings
 
 
