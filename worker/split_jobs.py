@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jobs import formats, state
-from jobs.client import RQ_FUNC
 from jobs.inputs import split_rows_key
 from storage import open_store
 from storage.base import AlreadyExists
