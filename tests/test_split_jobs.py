@@ -74,3 +74,45 @@ def test_three_workers_share_one_job(redis_url, tmp_path, tiny_model):
     manifest = json.loads(store.get_bytes(rec["manifest_key"]))
     assert manifest["counts"] == {"total": 30, "succeeded": 30, "failed": 0}
     assert len(manifest["split"]["workers"]) >= 2
+
+
+def test_split_in_process_rerun_and_cancel(redis_url, tmp_path, tiny_model):
+    """The split is idempotent (a rerun of the parent reuses the plan and shards), shards of a
+    cancelled parent do not run, and the last shard merges in input order."""
+    from engine.hf_backend import HFEngine
+    from worker import runner
+    ctx = runner.WorkerContext(engine=HFEngine(tiny_model, device="cpu", max_num_seqs=4), engine_kind="hf",
+                               model="tiny", redis=state.connect(redis_url), window=4, max_inflight=4,
+                               shard_rows=3, shard_seconds=60, heartbeat_seconds=0.2)
+    ctx.split_rows = 4
+    runner.set_context(ctx)
+    try:
+        c = Client(redis_url=redis_url, store_url=f"file://{tmp_path}/store")
+        path = tmp_path / "j.jsonl"
+        path.write_text("".join(json.dumps({"custom_id": f"c{i}", "prompt": f"p {i % 3} q {i}", "max_tokens": 2})
+                                + "\n" for i in range(10)))
+        job = c.submit(str(path), output_format="jsonl")
+        first = runner.run_job(job)
+        assert first["status"] == "split" and first["shards"] >= 3
+        queued = c.r.llen("rq:queue:prefixq")
+        assert split_jobs.split(ctx, state.get(c.r, job)) == first  # rerun: same plan, nothing new enqueued
+        assert c.r.llen("rq:queue:prefixq") == queued
+        shards = [split_jobs.shard_id(job, k) for k in range(first["shards"])]
+        for sid in shards[:-1]:
+            assert runner.run_job(sid)["status"] == "succeeded"
+            assert c.status(job)["status"] == "running"
+        assert c.status(job)["done"] == sum(state.get(c.r, s)["total"] for s in shards[:-1])  # aggregated
+        runner.run_job(shards[-1])
+        rec = c.status(job)
+        assert rec["status"] == "succeeded" and rec["done"] == 10 and not rec["heartbeat_alive"]
+        got = [json.loads(x)["custom_id"] for x in c.store.get_bytes(rec["results_key"]).decode().splitlines()]
+        assert got == [f"c{i}" for i in range(10)]
+        # a cancelled parent: its shards end cancelled without running
+        job2 = c.submit(str(path), output_format="jsonl")
+        n = runner.run_job(job2)["shards"]
+        assert c.cancel(job2)
+        before = ctx.engine.stats()["requests"]
+        assert runner.run_job(split_jobs.shard_id(job2, 0)) == {"status": "cancelled"}
+        assert ctx.engine.stats()["requests"] == before and n >= 3
+    finally:
+        runner.set_context(None)

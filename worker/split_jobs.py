@@ -137,6 +137,11 @@ def split(ctx, rec: dict) -> dict:
         if r.scard(done_set(job_id)) >= len(plan.shards):
             merge(ctx, state.get(r, job_id))
         return {"status": "split", "shards": len(plan.shards)}
+    except Exception as e:
+        # the long parent heartbeat would otherwise hide a parent that can never finish
+        state.set_status(r, job_id, "failed", error=f"split failed: {type(e).__name__}: {e}"[:2000])
+        r.delete(state.heartbeat_key(job_id))
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -225,6 +230,7 @@ class _ParentKeeper(threading.Thread):
             prec = state.get(self.r, self.parent) or {}
             if prec.get("cancel_requested") or prec.get("status") == "cancelled":
                 state.update(self.r, self.sid, cancel_requested=1)
+                self.r.delete(state.heartbeat_key(self.parent))
                 return
             if prec.get("status") == "running":
                 self.r.set(state.heartbeat_key(self.parent), "split", ex=PARENT_HEARTBEAT_S)
