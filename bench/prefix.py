@@ -97,12 +97,13 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 # ---- sizing ------------------------------------------------------------------------------------
-def pool_blocks(prompts: list[list[int]], fraction: float, max_num_seqs: int, block_size: int) -> tuple[int, int]:
+def pool_blocks(prompts: list[list[int]], fraction: float, max_num_seqs: int, block_size: int,
+                output_len: int = OUTPUT_LEN) -> tuple[int, int]:
     """KV pool size: fraction x all prompt tokens, but never less than max_num_seqs of the longest
     requests need without any sharing (so the running batch always fits). Returns (blocks, floor)."""
     total = sum(map(len, prompts))
     want = math.ceil(fraction * total / block_size)
-    longest = max(map(len, prompts)) + OUTPUT_LEN
+    longest = max(map(len, prompts)) + output_len
     floor = max_num_seqs * math.ceil(longest / block_size)
     return max(want, floor), floor
 
@@ -154,13 +155,13 @@ def fresh_state(eng, num_blocks: int, caching: bool) -> None:
 
 
 def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, num_blocks: int,
-             max_inflight: int | None, gate: bool) -> dict:
+             max_inflight: int | None, gate: bool, output_len: int = OUTPUT_LEN) -> dict:
     """Feed prompts[order] to a fresh cache; max_inflight None adds everything up front."""
     from engine.sampling_params import SamplingParams
     fresh_state(eng, num_blocks, caching)
     counts = Counts()
     _instrument(eng.scheduler, counts)
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
     bs = eng.config.block_size
     seq = [prompts[i] for i in order]
     # Full blocks each row shares with the row fed before it.
@@ -188,7 +189,7 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
             outs.append(o)
             inflight -= 1
     elapsed = time.monotonic() - t0
-    bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != OUTPUT_LEN]
+    bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != output_len]
     if len(outs) != len(seq) or bad:
         raise RuntimeError(f"{len(bad)} of {len(outs)}/{len(seq)} requests failed: "
                            f"{bad[0].finish_reason if bad else ''} {bad[0].error if bad else ''}")
@@ -256,6 +257,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--workloads", default="a,b,c")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the number of requests/templates/documents")
     ap.add_argument("--len-scale", type=float, default=1.0, help="scales every prompt length (CPU runs)")
+    ap.add_argument("--output-len", type=int, default=OUTPUT_LEN, help="output tokens per request (64; less for quick CPU runs)")
     ap.add_argument("--cache-fraction", type=float, default=0.08,
                     help="KV pool as a fraction of all prompt tokens (raised to what max_num_seqs running requests need)")
     ap.add_argument("--max-num-seqs", type=int, default=64)
@@ -285,8 +287,8 @@ def main(argv=None) -> dict:
     names = [w for w in args.workloads.split(",") if w]
     loads = {w: make_workload(w, args.scale, args.len_scale, min(vocab, 49152), args.seed) for w in names}
     bs = 16
-    sizing = {w: pool_blocks(p, args.cache_fraction, args.max_num_seqs, bs) for w, p in loads.items()}
-    max_len = max(max(map(len, p)) for p in loads.values()) + OUTPUT_LEN + 16
+    sizing = {w: pool_blocks(p, args.cache_fraction, args.max_num_seqs, bs, args.output_len) for w, p in loads.items()}
+    max_len = max(max(map(len, p)) for p in loads.values()) + args.output_len + 16
     eng = build_engine(args, path, max(b for b, _ in sizing.values()), max_len)
     bs = eng.config.block_size
     assert bs == 16, "pool sizing assumed 16-token blocks"
@@ -317,7 +319,8 @@ def main(argv=None) -> dict:
             caching = m != "off"
             order = grouped if m.startswith("grouped") else arrival
             r = run_mode(eng, prompts, order, caching=caching, num_blocks=blocks,
-                         max_inflight=None if m.endswith("_all") else max_inflight, gate=not args.no_gate)
+                         max_inflight=None if m.endswith("_all") else max_inflight, gate=not args.no_gate,
+                         output_len=args.output_len)
             r["hit_rate_of_best"] = r["hit_rate"] / best.best_hit_rate if best.best_hit_rate else 0.0
             res[m] = r
             table.append((f"{w} {m}", r))
@@ -349,7 +352,7 @@ def main(argv=None) -> dict:
     name = args.name or f"prefix-{model}-{'gpu' if args.device != 'cpu' else 'cpu'}"
     out = write_result(name, figures, baseline, dev, out_dir=args.out_dir, extra={
         "workload": {"model": model, "dummy_weights": bool(args.dummy_weights), "workloads": names,
-                     "scale": args.scale, "len_scale": args.len_scale, "output_len": OUTPUT_LEN,
+                     "scale": args.scale, "len_scale": args.len_scale, "output_len": args.output_len,
                      "cache_fraction": args.cache_fraction, "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
                      "feed": args.feed, "gate": not args.no_gate, "modes": modes, "seed": args.seed},

@@ -94,6 +94,7 @@ class LLMEngine:
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
         self.step_log: list[tuple[float, bool, int, int]] | None = None
+        self._last_finish = 0.0
         self.spec = None
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
@@ -238,8 +239,11 @@ class LLMEngine:
         tm["forward_sample_s"] += t3 - t2
         tm["update_s"] += t4 - t3
         if self.step_log is not None:
+            # The period between finished steps: with overlap, a step's own span covers two calls.
+            period = t4 - max(t0, self._last_finish)
             m = inp.meta
-            self.step_log.append((t4 - t0, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
+            self.step_log.append((period, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
+        self._last_finish = t4
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)

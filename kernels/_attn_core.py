@@ -84,7 +84,7 @@ def finish(acc, m_i, l_i):
     return out, lse
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_heads"])
 def _merge_kernel(mid_o, mid_lse, out, lse_out,
                   s_mb, s_mh, s_ms, s_lb, s_lh, s_ob, s_oh,
                   num_heads, NUM_PARTS: tl.constexpr, PARTS_P2: tl.constexpr, HEAD_D: tl.constexpr):

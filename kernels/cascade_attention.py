@@ -16,7 +16,7 @@ from kernels.decode_attention import (BLOCK_N, choose_num_splits, launch_decode,
                                       paged_decode_attention_lse_ref)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_groups", "s_btg"])
 def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, plen_ptr, gcu_ptr, order_ptr, o_ptr, lse_ptr, num_groups,
                    s_qb, s_qh, s_btg, stride_b, stride_s, stride_h,
                    s_ob, s_oh, s_os, s_lb, s_lh, s_ls, qk_scale,

@@ -17,7 +17,7 @@ MIN_SPLIT_TOKENS = 256  # don't split below this many tokens per program
 MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_btb"])  # block-table width changes every step
 def _decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, o_ptr, lse_ptr,
                    s_qb, s_qh, s_btb, stride_b, stride_s, stride_h,
                    s_ob, s_oh, s_os, s_lb, s_lh, s_ls, qk_scale,

@@ -18,7 +18,7 @@ from kernels._attn_core import LOG2E, attn_loop, check_cache, finish, use_lowp_d
 from kernels.decode_attention import gather_kv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "s_btb"])  # they change every step: no recompiles
 def _extend_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, num_seqs,
                    s_qt, s_qh, s_ot, s_oh, s_btb, stride_b, stride_s, stride_h, qk_scale,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
