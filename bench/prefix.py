@@ -62,7 +62,8 @@ def _toks(n: int, rng: random.Random, vocab: int) -> list[int]:
     return [rng.randrange(min(1000, vocab // 2), vocab) for _ in range(n)]
 
 
-def make_workload(name: str, scale: float, len_scale: float, vocab: int, seed: int) -> list[list[int]]:
+def make_workload(name: str, scale: float, len_scale: float, vocab: int, seed: int,
+                  questions_per_template: int = 64) -> list[list[int]]:
     """Prompts of one workload, already shuffled into arrival order."""
     rng = random.Random(f"{seed}-{name}")
     L = lambda n: max(1, round(n * len_scale))  # noqa: E731
@@ -74,7 +75,7 @@ def make_workload(name: str, scale: float, len_scale: float, vocab: int, seed: i
         prompts = []
         for _ in range(max(2, round(32 * scale))):
             template = _toks(L(1500), rng, vocab)
-            prompts += [template + _toks(rng.randint(L(30), L(100)), rng, vocab) for _ in range(64)]
+            prompts += [template + _toks(rng.randint(L(30), L(100)), rng, vocab) for _ in range(questions_per_template)]
     elif name == "c":
         prompts = []
         for _ in range(max(2, round(200 * scale))):
@@ -256,6 +257,7 @@ def main(argv=None) -> dict:
                     help="random weights in a named shape (qwen3-0.6b, smollm2-135m, ...) or a folder with a config.json")
     ap.add_argument("--workloads", default="a,b,c")
     ap.add_argument("--scale", type=float, default=1.0, help="scales the number of requests/templates/documents")
+    ap.add_argument("--questions-per-template", type=int, default=64, help="workload b (64; less for quick CPU runs)")
     ap.add_argument("--len-scale", type=float, default=1.0, help="scales every prompt length (CPU runs)")
     ap.add_argument("--output-len", type=int, default=OUTPUT_LEN, help="output tokens per request (64; less for quick CPU runs)")
     ap.add_argument("--cache-fraction", type=float, default=0.08,
@@ -285,7 +287,8 @@ def main(argv=None) -> dict:
     with open(f"{path}/config.json") as f:
         vocab = json.load(f)["vocab_size"]
     names = [w for w in args.workloads.split(",") if w]
-    loads = {w: make_workload(w, args.scale, args.len_scale, min(vocab, 49152), args.seed) for w in names}
+    loads = {w: make_workload(w, args.scale, args.len_scale, min(vocab, 49152), args.seed, args.questions_per_template)
+             for w in names}
     bs = 16
     sizing = {w: pool_blocks(p, args.cache_fraction, args.max_num_seqs, bs, args.output_len) for w, p in loads.items()}
     max_len = max(max(map(len, p)) for p in loads.values()) + args.output_len + 16
@@ -352,7 +355,8 @@ def main(argv=None) -> dict:
     name = args.name or f"prefix-{model}-{'gpu' if args.device != 'cpu' else 'cpu'}"
     out = write_result(name, figures, baseline, dev, out_dir=args.out_dir, extra={
         "workload": {"model": model, "dummy_weights": bool(args.dummy_weights), "workloads": names,
-                     "scale": args.scale, "len_scale": args.len_scale, "output_len": args.output_len,
+                     "scale": args.scale, "len_scale": args.len_scale,
+                     "questions_per_template": args.questions_per_template, "output_len": args.output_len,
                      "cache_fraction": args.cache_fraction, "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
                      "feed": args.feed, "gate": not args.no_gate, "modes": modes, "seed": args.seed},
