@@ -20,12 +20,13 @@ def _rq_queue(r_bytes, name: str) -> Queue:
     return Queue(name, connection=r_bytes, serializer=JSONSerializer)
 
 
-def enqueue_run(r_bytes, queue: str, job_id: str, rq_id: str | None = None) -> None:
+def enqueue_run(r_bytes, queue: str, job_id: str, rq_id: str | None = None, at_front: bool = False) -> None:
     """Put one run of a job on the rq queue. Requeues use a fresh rq id (`<id>-r<n>`) so rq's
     bookkeeping of the earlier run (started/finished/failed registries) cannot touch this one;
-    the job id, the only argument, is what the worker runs."""
+    the job id, the only argument, is what the worker runs. Requeues go to the front: the job
+    was already admitted, and its committed rows are waiting for the rest."""
     _rq_queue(r_bytes, queue).enqueue(RQ_FUNC, job_id, job_id=rq_id or job_id, job_timeout=-1,
-                                      result_ttl=86400, failure_ttl=7 * 86400,
+                                      result_ttl=86400, failure_ttl=7 * 86400, at_front=at_front,
                                       description=f"prefixq job {job_id}")
 
 
@@ -38,7 +39,8 @@ def flush_requeues(r_text, r_bytes, limit: int = 500) -> int:
         if rec is None or rec["status"] != "queued":
             r_text.srem(state.REQUEUE_SET, job_id)
             continue
-        enqueue_run(r_bytes, rec.get("queue") or state.DEFAULT_QUEUE, job_id, f"{job_id}-r{rec.get('attempts', 0)}")
+        enqueue_run(r_bytes, rec.get("queue") or state.DEFAULT_QUEUE, job_id, f"{job_id}-r{rec.get('attempts', 0)}",
+                    at_front=True)
         r_text.srem(state.REQUEUE_SET, job_id)
         n += 1
     return n
