@@ -53,6 +53,8 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
                                heartbeat_ttl=float(os.environ.get("PREFIXQ_HEARTBEAT_TTL_S", "30")),
                                heartbeat_seconds=float(os.environ.get("PREFIXQ_HEARTBEAT_S", "5")))
     ctx.split_rows = split_rows
+    # >1: also take up to N-1 compatible queued jobs and run them in one engine session (worker.job_batch)
+    ctx.max_batch_jobs = int(os.environ.get("PREFIXQ_BATCH_JOBS", "1"))
     runner.set_context(ctx)
     q = Queue(queue, connection=r_bytes, serializer=JSONSerializer)
     from worker.lifecycle import PrefixqWorker, work_forever

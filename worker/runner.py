@@ -121,6 +121,9 @@ def run_job(job_id: str) -> dict:
         raise RuntimeError("run_job must run inside `prefixq worker` (no engine loaded)")
     from worker import split_jobs  # splits big jobs, runs shards, tags logs with the job id
     ctx = _CTX
+    if getattr(ctx, "max_batch_jobs", 1) > 1:  # take compatible queued jobs too: one engine session
+        from worker import job_batch
+        return split_jobs.run(ctx, job_id, lambda: job_batch.run_batch(ctx, job_id))
     return split_jobs.run(ctx, job_id, lambda: JobRunner(ctx, job_id).run())
 
 
