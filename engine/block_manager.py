@@ -135,6 +135,10 @@ class BlockManager:
                        hit_blocks: list[KVBlock] | None = None) -> bool:
         """Reserve blocks for num_new_tokens more tokens (after any hit blocks).
         Returns False, changing nothing, when the pool cannot hold them."""
+        if not hit_blocks:  # the common decode case, kept cheap: it runs for every request every step
+            need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.blocks)
+            if need <= 0:
+                return True
         hit_blocks = hit_blocks or []
         need = self.num_blocks_needed(req, num_new_tokens, len(hit_blocks))
         # Hit blocks that sit in the free queue stop being free once touched.

@@ -29,22 +29,26 @@ class SamplingTensors:
     def from_requests(cls, reqs: list[Request], vocab: int, device: torch.device) -> "SamplingTensors":
         ps = [r.params for r in reqs]
         temps = [0.0 if p.greedy else float(p.temperature) for p in ps]
+        if not any(temps):  # all greedy: argmax needs no per-row settings on the device
+            return cls(None, None, None, None, True, False, False, False)
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
         tps = [float(p.top_p) for p in ps]
         mps = [float(p.min_p) for p in ps]
+        # One pinned, non-blocking copy: a pageable copy would wait for the GPU's queue.
+        host = torch.tensor([temps, ks, tps, mps], dtype=torch.float32)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(device, non_blocking=True)
         return cls(
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            top_k=torch.tensor(ks, dtype=torch.int64, device=device),
-            top_p=torch.tensor(tps, dtype=torch.float32, device=device),
-            min_p=torch.tensor(mps, dtype=torch.float32, device=device),
-            all_greedy=all(t == 0.0 for t in temps),
-            any_top_k=any(k < vocab for k in ks),
-            any_top_p=any(p < 1.0 for p in tps),
+            temperature=t[0], top_k=t[1].long(), top_p=t[2], min_p=t[3], all_greedy=False,
+            any_top_k=any(k < vocab for k in ks), any_top_p=any(p < 1.0 for p in tps),
             any_min_p=any(m > 0.0 for m in mps),
         )
 
     def repeat(self, counts: torch.Tensor) -> "SamplingTensors":
         """One row per scored position (speculative verification scores k+1 per request)."""
+        if self.all_greedy:
+            return self
         rep = lambda t: t.repeat_interleave(counts)  # noqa: E731
         return SamplingTensors(rep(self.temperature), rep(self.top_k), rep(self.top_p), rep(self.min_p),
                                self.all_greedy, self.any_top_k, self.any_top_p, self.any_min_p)

@@ -81,7 +81,7 @@ class SpecDecoder:
         for i, r in enumerate(reqs):
             d = r.spec_token_ids[:rows_per_req[i] - 1]
             drafts[i, :len(d)] = torch.tensor(d, dtype=torch.long)
-        greedy = st.temperature <= 0
+        greedy = torch.ones(N, dtype=torch.bool, device=dev) if st.all_greedy else st.temperature <= 0
         if K1 == 1:  # nobody drafted: rejection_sample still handles it, with K = 0
             drafts = drafts[:, :0]
         out = rejection_sample(probs, drafts.to(dev), num_draft, greedy=greedy, target_argmax=target_argmax,
