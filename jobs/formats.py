@@ -84,7 +84,10 @@ def _check_params(src: dict, err, names=SAMPLING_FIELDS) -> dict:
         elif name in ("temperature", "top_p"):
             if not _is_num(v):
                 err(name, f"must be a number, got {type(v).__name__}")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # a JSON integer with hundreds of digits
+                err(name, "is too large for a number")
         elif name == "stop":
             if isinstance(v, str):
                 v = [v]
