@@ -118,15 +118,18 @@ class Counts:
     admit_query_tokens: int = 0
     admit_hit_tokens: int = 0
     computed_tokens: int = 0  # every token the model ran forward
+    prefill_tokens: int = 0  # of those, prompt tokens and tokens recomputed after a preemption
 
 
 def _instrument(sched, counts: Counts):
     orig = sched.schedule
+    upto: dict[int, int] = {}  # per request: positions below this are prefill (prompt, or recompute)
 
     def schedule():
         waiting = {id(r) for r in sched.waiting}
         preempted = {id(r) for r in sched.waiting if r.num_preemptions}
         out = orig()
+        # Runs before the engine launches the batch, so num_computed_tokens is where each grant starts.
         for req, n in zip(out.requests, out.num_tokens):
             counts.computed_tokens += n
             if id(req) in waiting:
@@ -134,6 +137,10 @@ def _instrument(sched, counts: Counts):
                 counts.readmissions += id(req) in preempted
                 counts.admit_query_tokens += req.num_tokens
                 counts.admit_hit_tokens += req.num_hit_tokens
+                # prompt, plus the outputs to recompute after a preemption (the last one is fed as decode)
+                upto[id(req)] = req.num_tokens - (1 if req.output_token_ids else 0)
+            start = req.num_computed_tokens
+            counts.prefill_tokens += max(0, min(start + n, upto.get(id(req), req.num_prompt_tokens)) - start)
         return out
 
     sched.schedule = schedule
@@ -180,9 +187,9 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
         while nxt < len(seq) and inflight < cap:
             if gate and shared[nxt] >= bs:
                 prev = eng.requests.get(str(nxt - 1))
-                if prev is not None and prev.num_computed_tokens < shared[nxt]:
+                if prev is not None and prev.num_cached_blocks * bs < shared[nxt]:
                     gated += 1
-                    break  # the previous row is still computing the prefix this one shares
+                    break  # the previous row's shared prefix is not in the prefix cache yet
             eng.add_request(str(nxt), seq[nxt], params)
             nxt += 1
             inflight += 1
@@ -198,9 +205,7 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
     ptoks = sum(map(len, seq))
     gen = sum(len(o.token_ids) for o in outs)
     assert st["prompt_tokens"] == ptoks, (st["prompt_tokens"], ptoks)
-    # Every output token but the last is fed back once; anything else the model ran is prefill,
-    # including prompts and outputs recomputed after a preemption.
-    prefill_computed = counts.computed_tokens - sum(len(o.token_ids) - 1 for o in outs)
+    prefill_computed = counts.prefill_tokens
     bm = eng.block_manager.stats
     return {
         "prompt_tokens": ptoks, "cached_tokens": st["cached_tokens"],
@@ -209,7 +214,7 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
         "recomputed_tokens": prefill_computed - (ptoks - st["cached_tokens"]),
         "hit_rate": st["cached_tokens"] / ptoks,
         "output_tokens": gen, "output_tok_s": gen / elapsed, "elapsed_s": elapsed,
-        "steps": eng.timings["steps"], "preemptions": eng.scheduler.num_preemptions,
+        "computed_tokens": counts.computed_tokens, "steps": eng.timings["steps"], "preemptions": eng.scheduler.num_preemptions,
         "admissions": counts.admissions, "readmissions": counts.readmissions,
         "admit_hit_tokens": counts.admit_hit_tokens, "admit_query_tokens": counts.admit_query_tokens,
         "bm_queries": bm.queries, "bm_query_tokens": bm.query_tokens, "bm_hit_tokens": bm.hit_tokens,

@@ -79,7 +79,10 @@ class BatchSession:
         self.in_engine: set[str] = set()  # full request ids
         self.outbox: dict[str, list] = {}
         self.counters: dict[str, dict[str, int]] = {}
-        self.block_size = int(getattr(getattr(engine, "config", None), "block_size", 16) or 16)
+        cfg = getattr(engine, "config", None)
+        self.block_size = int(getattr(cfg, "block_size", 16) or 16)
+        # Hold rows back only where a prefix cache can serve them (the paged engine, caching on).
+        self.gate = bool(getattr(cfg, "enable_prefix_caching", False)) and hasattr(engine, "requests")
         self._prev: tuple[str, list[int]] | None = None  # last fed request id and tokens
         self._gather_since: float | None = None
 
@@ -183,12 +186,12 @@ class BatchSession:
         eng, bs = self.engine, self.block_size
         while self.queue and len(self.in_engine) < self.max_inflight:
             row = self.queue[0]
-            if self._prev is not None:
+            if self._prev is not None and self.gate:
                 prev_id, prev_toks = self._prev
                 shared = _common_len(prev_toks, row.token_ids) // bs * bs
                 prev = getattr(eng, "requests", {}).get(prev_id)
-                if shared and prev is not None and getattr(prev, "num_computed_tokens", shared) < shared:
-                    break  # the row before is still computing the prefix this one shares
+                if shared and prev is not None and getattr(prev, "num_cached_blocks", 0) * bs < shared:
+                    break  # the shared prefix of the row before is not in the prefix cache yet
             self.queue.popleft()
             full = f"{row.job_id}/{row.row_index}"
             params = self.params.pop((row.job_id, row.row_index), None)
