@@ -268,6 +268,8 @@ def _logging(argv) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     logging_setup.setup(known.log_format)
+    from jobs import redact
+    redact.install()  # credentials never reach the logs, whatever a library logs at DEBUG
 
 
 def main(argv=None) -> int:

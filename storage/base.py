@@ -75,8 +75,12 @@ class Store:
                          "(read the files directly, or use --store s3://bucket/prefix)")
 
 
-MULTIPART_THRESHOLD = int(os.environ.get("PREFIXQ_S3_MULTIPART_BYTES", str(64 << 20)))
-MULTIPART_PART = max(5 << 20, int(os.environ.get("PREFIXQ_S3_PART_BYTES", str(16 << 20))))
+def multipart_threshold() -> int:
+    return int(os.environ.get("PREFIXQ_S3_MULTIPART_BYTES", str(64 << 20)))
+
+
+def multipart_part() -> int:
+    return max(5 << 20, int(os.environ.get("PREFIXQ_S3_PART_BYTES", str(16 << 20))))
 
 
 def sse_args() -> dict:
@@ -233,7 +237,7 @@ class S3Store(Store):
         self._put(key, data, if_none_match)
 
     def put_file(self, key, path, *, if_none_match=False):
-        if os.path.getsize(path) > MULTIPART_THRESHOLD:
+        if os.path.getsize(path) > multipart_threshold():
             return self._put_multipart(key, path, if_none_match)
         with open(path, "rb") as f:
             self._put(key, f, if_none_match)
@@ -248,7 +252,7 @@ class S3Store(Store):
             parts = []
             with open(path, "rb") as f:
                 n = 1
-                while chunk := f.read(MULTIPART_PART):
+                while chunk := f.read(multipart_part()):
                     etag = self.client.upload_part(Bucket=self.bucket, Key=k, UploadId=up, PartNumber=n,
                                                    Body=chunk)["ETag"]
                     parts.append({"ETag": etag, "PartNumber": n})
