@@ -41,7 +41,8 @@ class LLM:
         return [results[str(i)] for i in range(len(token_ids))]
 
     def chat(self, messages_list, sampling_params=None) -> list[RequestOutput]:
-        prompts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)
-                   for m in messages_list]
-        prompts = [p["input_ids"] if isinstance(p, dict) else p for p in prompts]
+        # Render to text, then encode: what tokenize=True returns differs across transformers versions.
+        texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False)
+                 for m in messages_list]
+        prompts = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         return self.generate(prompts, sampling_params)
