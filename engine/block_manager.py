@@ -120,12 +120,17 @@ class BlockManager:
             if b is None or b.token_ids != self._block_tokens(req, i):
                 break
             hits.append(b)
+        return hits
+
+    def record_admission(self, req: Request, num_hit_blocks: int) -> None:
+        """Count one admission (not each lookup: a request that waits is looked up again)."""
+        if not self.enable_prefix_caching:
+            return
         self.stats.queries += 1
         self.stats.query_tokens += req.num_tokens
-        if hits:
+        if num_hit_blocks:
             self.stats.hits += 1
-            self.stats.hit_tokens += len(hits) * self.block_size
-        return hits
+            self.stats.hit_tokens += num_hit_blocks * self.block_size
 
     def num_blocks_needed(self, req: Request, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
         total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
@@ -170,10 +175,13 @@ class BlockManager:
             b.token_ids = None
 
     def cache_full_blocks(self, req: Request) -> None:
-        """Register the request's newly completed full blocks in the prefix cache."""
+        """Register the request's newly completed full blocks in the prefix cache. Called when
+        a step is launched: its KV writes precede, in stream order, any later step's reads.
+        Tokens still being sampled on the device (placeholders) are never hashed."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
+        known = req.num_tokens - req.num_pending
+        num_full = min(req.num_computed_tokens, known) // self.block_size
         if num_full <= req.num_cached_blocks:
             return
         self._extend_hashes(req, num_full * self.block_size)

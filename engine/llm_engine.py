@@ -187,6 +187,8 @@ class LLMEngine:
             req.output_token_ids.append(PENDING)
             req.pending_row = j
             req.num_pending += 1
+        for req in batch.requests:
+            self.block_manager.cache_full_blocks(req)
         return fl
 
     def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
@@ -194,10 +196,6 @@ class LLMEngine:
         t3 = time.perf_counter()
         now = time.monotonic()
         outputs = []
-        sampled = set(fl.inp.sample_rows)
-        for i, req in enumerate(fl.batch.requests):
-            if i not in sampled and not req.is_finished:  # a prefill chunk short of the prompt's end
-                self.block_manager.cache_full_blocks(req)
         for j, req in enumerate(fl.sample_reqs):
             if req.is_finished:
                 continue

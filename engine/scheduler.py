@@ -65,6 +65,10 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
 
+        # Hashes of full blocks this step computes, so a waiting request that shares
+        # them waits one step and hits instead of computing them again.
+        computing: set[bytes] = set()
+
         # 1. Running requests, oldest first; the newest is preempted when blocks run out.
         i = 0
         while i < len(self.running) and budget > 0:
@@ -84,6 +88,8 @@ class Scheduler:
             else:
                 out.requests.append(req)
                 out.num_tokens.append(n)
+                if req.num_computed_tokens < req.num_prompt_tokens:  # a prefill chunk
+                    self._note_computing(req, req.num_computed_tokens, n, computing)
                 budget -= n
                 i += 1
                 continue
@@ -104,6 +110,8 @@ class Scheduler:
                 continue
             hits = self.bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_hit = len(hits) * self.bm.block_size
+            if len(hits) < len(req.block_hashes) and req.block_hashes[len(hits)] in computing:
+                break  # its next block is being computed this step: admit it next step, as a hit
             n = req.num_tokens - num_hit
             if n > budget:
                 if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
@@ -114,6 +122,8 @@ class Scheduler:
                 req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
+            self.bm.record_admission(req, len(hits))
+            self._note_computing(req, num_hit, n, computing)
             req.num_hit_tokens = num_hit
             if req.status == RequestStatus.WAITING:
                 req.num_cached_tokens = num_hit
@@ -123,6 +133,14 @@ class Scheduler:
             out.num_tokens.append(n)
             budget -= n
         return out
+
+    def _note_computing(self, req: Request, start: int, n: int, computing: set[bytes]) -> None:
+        if not self.bm.enable_prefix_caching:
+            return
+        bs = self.bm.block_size
+        hashes = req.block_hashes
+        for i in range(start // bs, min(len(hashes), (start + n) // bs)):
+            computing.add(hashes[i])
 
     def finish(self, req: Request, reason: str) -> None:
         req.status = RequestStatus.FINISHED

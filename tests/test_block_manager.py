@@ -16,6 +16,7 @@ def admit(bm: BlockManager, r: Request) -> int:
     hits = bm.get_computed_blocks(r)
     r.num_computed_tokens = len(hits) * bm.block_size
     assert bm.allocate_slots(r, r.num_tokens - r.num_computed_tokens, hits)
+    bm.record_admission(r, len(hits))
     return len(hits)
 
 
@@ -123,3 +124,34 @@ def test_overlong_prompt_is_rejected_at_admission():
     batch = s.schedule()
     assert [r.request_id for r in batch.errors] == ["big"] and "max_model_len" in batch.errors[0].error
     assert [r.request_id for r in batch.requests] == ["ok"]
+
+
+def test_waiting_request_defers_to_a_prefix_computed_this_step():
+    """Two requests with the same long prefix: the second waits one step and then hits,
+    instead of computing the prefix a second time in the same step."""
+    cfg = EngineConfig(model="x", max_num_batched_tokens=256, max_num_seqs=8)
+    bm = BlockManager(64, 16)
+    s = Scheduler(cfg, bm, max_model_len=1024)
+    shared = list(range(64))
+    a, b = req("a", shared + [1, 2]), req("b", shared + [3, 4])
+    s.add(a)
+    s.add(b)
+    batch = s.schedule()
+    assert batch.requests == [a]
+    a.num_computed_tokens += batch.num_tokens[0]
+    bm.cache_full_blocks(a)  # the engine registers blocks when it launches the step
+    batch = s.schedule()
+    assert b in batch.requests and b.num_cached_tokens == 64
+    assert bm.stats.queries == 2 and bm.stats.hits == 1 and bm.stats.hit_tokens == 64
+
+
+def test_lookups_of_a_waiting_request_are_counted_once():
+    cfg = EngineConfig(model="x", max_num_batched_tokens=256, max_num_seqs=8)
+    bm = BlockManager(4, 16)
+    s = Scheduler(cfg, bm, max_model_len=1024)
+    s.add(req("a", list(range(40))))
+    s.add(req("b", list(range(100, 140))))
+    for _ in range(3):  # b is looked up each step but waits: a holds 3 of the 4 blocks
+        batch = s.schedule()
+        assert [r.request_id for r in batch.requests] in (["a"], [])
+    assert bm.stats.queries == 1
