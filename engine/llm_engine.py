@@ -90,7 +90,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # rejected at add_request
         self._inflight: _Inflight | None = None  # launched, not yet finished on the host
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
-                         "spec_proposed": 0, "spec_accepted": 0, "steps": 0, "finished": 0}
+                         "spec_proposed": 0, "spec_accepted": 0, "spec_verifications": 0, "steps": 0,
+                         "finished": 0}
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
         self.step_log: list[tuple[float, bool, int, int]] | None = None
@@ -232,6 +233,7 @@ class LLMEngine:
     def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:
         tm = self.timings
         tm["steps"] += 1
+        self.counters["steps"] += 1
         tm["schedule_s"] += t1 - t0
         tm["prepare_s"] += t2 - t1
         tm["forward_sample_s"] += t3 - t2
@@ -271,6 +273,9 @@ class LLMEngine:
                  model_load_seconds=self.runner.model_load_seconds)
         s["prefix_cache_hit_rate"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
         s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0
+        # Drafts accepted per verification (a verified request emits this plus one token).
+        s["spec_mean_accepted_length"] = (s["spec_accepted"] / s["spec_verifications"]
+                                          if s["spec_verifications"] else 0.0)
         if self.device.type == "cuda":
             s["gpu_memory_bytes"] = torch.cuda.memory_allocated(self.device)
         return s

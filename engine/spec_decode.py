@@ -97,6 +97,7 @@ class SpecDecoder:
                 r.spec_accepted += num_acc[i]
                 self.engine.counters["spec_proposed"] += proposed
                 self.engine.counters["spec_accepted"] += num_acc[i]
+                self.engine.counters["spec_verifications"] += 1
             result.append(tokens[i][:num_acc[i] + 1])
         return result
 

@@ -78,7 +78,17 @@ def cmd_worker(a) -> int:
     return run_worker(model=a.model, queue=a.queue, engine=a.engine, burst=a.burst, metrics_port=a.metrics_port,
                       redis_url=a.redis_url, device=a.device, max_num_seqs=a.max_num_seqs,
                       shard_rows=a.shard_rows, shard_seconds=a.shard_seconds, split_rows=a.split_rows,
-                      bridge=a.bridge)
+                      bridge=a.bridge, engine_config=_engine_config(a))
+
+
+def _engine_config(a) -> dict:
+    """Engine knobs named as vLLM names them; only those given are passed on."""
+    cfg = {k: getattr(a, k) for k in ("dtype", "max_num_batched_tokens", "gpu_memory_utilization",
+                                       "max_model_len", "speculative_method", "num_speculative_tokens",
+                                       "speculative_model") if getattr(a, k, None) is not None}
+    if getattr(a, "no_prefix_caching", False):
+        cfg["enable_prefix_caching"] = False
+    return cfg
 
 
 def _fmt_age(ts) -> str:
@@ -204,7 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("PREFIXQ_METRICS_PORT", "9090")),
                    help="Prometheus port (0 disables)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=int(os.environ.get("PREFIXQ_MAX_NUM_SEQS", "32")),
+                   help="requests running at once (use 256 on a GPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (8192)")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of GPU memory (0.9)")
+    p.add_argument("--dtype", default=None, help="auto, bfloat16, float16, float32")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--speculative-method", choices=["ngram", "suffix"], default=None)
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="k, the most drafts per step")
+    p.add_argument("--speculative-model", default=None, help="a smaller model with the same tokenizer")
     p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
     p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")
     p.add_argument("--split-rows", type=int, default=int(os.environ.get("PREFIXQ_SPLIT_ROWS", "50000")),

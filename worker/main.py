@@ -16,7 +16,7 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
                burst: bool = False, metrics_port: int = 9090, redis_url: str | None = None,
                device: str | None = None, max_num_seqs: int = 32, max_inflight: int | None = None,
                window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0,
-               split_rows: int = 0, bridge: bool = False) -> int:
+               split_rows: int = 0, bridge: bool = False, engine_config: dict | None = None) -> int:
     import redis
     from rq import Queue
     from rq.serializers import JSONSerializer
@@ -41,7 +41,7 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
         log.info("metrics on :%d/metrics", metrics_port)
 
     t0 = time.monotonic()
-    eng, kind = make_engine(engine, model, device=device, max_num_seqs=max_num_seqs)
+    eng, kind = make_engine(engine, model, device=device, max_num_seqs=max_num_seqs, **(engine_config or {}))
     load_s = time.monotonic() - t0
     metrics.model_load_seconds.set(load_s)
     log.info("loaded %s with engine %s in %.1fs", model, kind, load_s)

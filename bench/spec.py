@@ -1,0 +1,166 @@
+"""Speculative decoding: speculation off against each method, at several batch sizes,
+on copy-heavy tasks (extract, rewrite, fill JSON) and on open chat, with the real
+SmolLM2. Greedy outputs must be identical across modes; the benchmark checks it.
+
+    python -m bench.spec --model smollm2                    # GPU, the full table
+    python -m bench.spec --model smollm2 --device cpu --batch-sizes 1,4 --max-tokens 32 --docs 4
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import time
+
+import torch
+
+from bench.common import device_name, print_table, write_result
+
+FIRST = ["Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
+LAST = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Silva", "Novak", "Haddad", "Brennan", "Kowalski", "Reyes"]
+CITY = ["Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Valparaiso", "Tallinn", "Pune"]
+ITEM = ["solar inverters", "hospital beds", "laboratory reagents", "bicycle frames", "server racks", "seed stock"]
+
+
+def make_document(rng: random.Random) -> dict:
+    who = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    other = f"{rng.choice(FIRST)} {rng.choice(LAST)}"
+    city, item = rng.choice(CITY), rng.choice(ITEM)
+    qty, price = rng.randint(12, 900), rng.randint(40, 9000)
+    date = f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
+    text = (f"On {date}, {who}, purchasing lead at the {city} office, signed an order for {qty} units of {item} "
+            f"at {price} euros per unit. The supplier's account manager, {other}, confirmed delivery to the "
+            f"{city} warehouse within six weeks. {who} noted that the previous shipment of {item} arrived two "
+            f"days late, and asked {other} to confirm the new delivery date in writing. The total value of the "
+            f"order is {qty * price} euros, payable in two instalments.")
+    return {"text": text, "who": who, "other": other, "date": date, "city": city, "item": item}
+
+
+def workloads(n: int, rng: random.Random) -> dict[str, list[list[dict]]]:
+    docs = [make_document(rng) for _ in range(n)]
+    chat_topics = ["why the sky is blue", "how to start learning the guitar", "a short story about a lighthouse",
+                   "the pros and cons of remote work", "how bread rises", "tips for a first marathon"]
+    user = lambda c: [{"role": "user", "content": c}]  # noqa: E731
+    return {
+        "extract": [user(f"Document:\n{d['text']}\n\nList every person, date, place and amount in the document, "
+                         f"one per line, copying them exactly.") for d in docs],
+        "rewrite": [user(f"Rewrite this passage in the same words but as a numbered list of its sentences:\n\n"
+                         f"{d['text']}") for d in docs],
+        "json": [user(f"Fill this JSON from the document and output only the JSON.\n"
+                      f'{{"buyer": "", "supplier_contact": "", "date": "", "city": "", "item": "", '
+                      f'"quantity": 0, "unit_price_eur": 0, "total_eur": 0}}\n\nDocument:\n{d["text"]}')
+                 for d in docs],
+        "chat": [user(f"Tell me about {chat_topics[i % len(chat_topics)]}.") for i in range(n)],
+    }
+
+
+def run_mode(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    eng = LLMEngine(**llm_kwargs)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False)
+    # Warm-up (kernel compiles) outside the timing.
+    for i in range(min(4, len(prompts))):
+        eng.add_request(f"w{i}", prompts[i], SamplingParams(max_tokens=4, temperature=0, detokenize=False))
+    while eng.has_unfinished():
+        eng.step()
+    base = dict(eng.counters)
+    t0 = time.monotonic()
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, sp)
+    outs = {}
+    while eng.has_unfinished():
+        outs.update({o.request_id: o.token_ids for o in eng.step()})
+    elapsed = time.monotonic() - t0
+    c = {k: eng.counters[k] - base[k] for k in base}
+    fig = {"tok_s": c["generated_tokens"] / elapsed, "elapsed_s": elapsed,
+           "acceptance": c["spec_accepted"] / c["spec_proposed"] if c["spec_proposed"] else 0.0,
+           "proposed": c["spec_proposed"],
+           "mean_accepted_length": c["spec_accepted"] / c["spec_verifications"] if c["spec_verifications"] else 0.0}
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return fig, [outs[str(i)] for i in range(len(prompts))]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="float32", help="float32 keeps greedy outputs comparable across modes")
+    ap.add_argument("--batch-sizes", default="1,8,32,256")
+    ap.add_argument("--methods", default="ngram,suffix")
+    ap.add_argument("--workloads", default="extract,rewrite,json,chat")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--docs", type=int, default=256)
+    ap.add_argument("--draft-pair", default="smollm2-135m",
+                    help="random-weight target/draft pair of this shape for the draft-model overhead row ('' skips)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from transformers import AutoTokenizer
+
+    from engine.model_source import resolve_model
+    path = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(path)
+    rng = random.Random(args.seed)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    wl = workloads(max(args.docs, max(batch_sizes)), rng)
+    encode = lambda m: tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
+                                  add_special_tokens=False)
+    base_kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, seed=args.seed,
+                   max_num_seqs=max(batch_sizes), max_model_len=2048, gpu_memory_utilization=0.5,
+                   kv_cache_memory=1 << 30)
+    figures, baseline, rows, mismatches = {}, {}, [], []
+    for name in args.workloads.split(","):
+        for b in batch_sizes:
+            prompts = [encode(m) for m in wl[name][:b]]
+            off, ref = run_mode(base_kw, prompts, args.max_tokens)
+            baseline[f"{name}_b{b}_tok_s"] = off["tok_s"]
+            rows.append((f"{name} b={b} off", off))
+            for method in args.methods.split(","):
+                kw = dict(base_kw, speculative_method=method, num_speculative_tokens=args.k)
+                fig, outs = run_mode(kw, prompts, args.max_tokens)
+                fig["speedup"] = fig["tok_s"] / off["tok_s"]
+                same = sum(o == r for o, r in zip(outs, ref))
+                if same != len(ref):
+                    mismatches.append(f"{name} b={b} {method}: {len(ref) - same} of {len(ref)} differ")
+                for k in ("tok_s", "acceptance", "speedup"):
+                    figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
+                rows.append((f"{name} b={b} {method}", fig))
+    if args.draft_pair:
+        # Draft path overhead: a random-weight target and draft of the same shape (acceptance
+        # is meaningless here; the row shows what drafting and verifying cost).
+        from engine.models.shapes import dummy_model_dir
+        tgt, dft = dummy_model_dir(args.draft_pair), dummy_model_dir(args.draft_pair)
+        prompts = [encode(m) for m in wl["extract"][:8]]
+        kw = dict(base_kw, model=tgt, load_format="dummy", max_num_seqs=8)
+        off, _ = run_mode(kw, prompts, args.max_tokens)
+        fig, _ = run_mode(dict(kw, speculative_model=dft, num_speculative_tokens=args.k, adaptive_speculation=False),
+                          prompts, args.max_tokens)
+        baseline["draft_random_pair_b8_tok_s"] = off["tok_s"]
+        figures["draft_random_pair_b8_tok_s"] = fig["tok_s"]
+        figures["draft_random_pair_b8_speedup"] = fig["tok_s"] / off["tok_s"]
+        rows.append(("draft (random pair) b=8 off", off))
+        rows.append(("draft (random pair) b=8 k=%d" % args.k, dict(fig, speedup=fig["tok_s"] / off["tok_s"])))
+    figures["greedy_mismatched_runs"] = len(mismatches)
+    dev = device_name(args.device)
+    name = args.name or f"spec-{args.model}-{'gpu' if args.device != 'cpu' else 'cpu'}"
+    out = write_result(name, figures, baseline, dev, extra={"workload": {
+        "model": args.model, "dtype": args.dtype, "k": args.k, "max_tokens": args.max_tokens,
+        "batch_sizes": batch_sizes, "draft_pair": "random weights, same shapes: shows overhead only",
+        "mismatches": mismatches}})
+    print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
+                ["tok_s", "speedup", "acceptance", "elapsed_s"])
+    print(f"wrote {out}")
+    if mismatches:
+        raise SystemExit("greedy outputs differ across modes: " + "; ".join(mismatches))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
