@@ -54,20 +54,31 @@ def workloads(n: int, rng: random.Random) -> dict[str, list[list[dict]]]:
     }
 
 
-def run_mode(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
+_run_id = 0
+
+
+def make_engine(kw: dict):
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
-    eng = LLMEngine(**llm_kwargs)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False)
-    # Warm-up (kernel compiles) outside the timing.
-    for i in range(min(4, len(prompts))):
-        eng.add_request(f"w{i}", prompts[i], SamplingParams(max_tokens=4, temperature=0, detokenize=False))
+    eng = LLMEngine(**kw)
+    for i in range(4):  # warm-up: kernels compile here, not in the timings
+        eng.add_request(f"warm{i}", [100 + i] * (20 + 30 * i), SamplingParams(max_tokens=8, temperature=0,
+                                                                              detokenize=False))
     while eng.has_unfinished():
         eng.step()
+    return eng
+
+
+def run_mode(eng, prompts: list[list[int]], max_tokens: int) -> tuple[dict, list[list[int]]]:
+    """One timed run on a warm engine; request ids are fresh so per-request state starts clean."""
+    from engine.sampling_params import SamplingParams
+    global _run_id
+    _run_id += 1
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False)
     base = dict(eng.counters)
     t0 = time.monotonic()
     for i, p in enumerate(prompts):
-        eng.add_request(str(i), p, sp)
+        eng.add_request(f"{_run_id}-{i}", p, sp)
     outs = {}
     while eng.has_unfinished():
         outs.update({o.request_id: o.token_ids for o in eng.step()})
@@ -77,11 +88,7 @@ def run_mode(llm_kwargs: dict, prompts: list[list[int]], max_tokens: int) -> tup
            "acceptance": c["spec_accepted"] / c["spec_proposed"] if c["spec_proposed"] else 0.0,
            "proposed": c["spec_proposed"],
            "mean_accepted_length": c["spec_accepted"] / c["spec_verifications"] if c["spec_verifications"] else 0.0}
-    del eng
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return fig, [outs[str(i)] for i in range(len(prompts))]
+    return fig, [outs[f"{_run_id}-{i}"] for i in range(len(prompts))]
 
 
 def main(argv=None) -> dict:
@@ -98,6 +105,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--draft-pair", default="smollm2-135m",
                     help="random-weight target/draft pair of this shape for the draft-model overhead row ('' skips)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kv-blocks", type=int, default=8192, help="KV pool per engine (several engines share the GPU)")
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
     if args.device == "auto":
@@ -113,25 +121,30 @@ def main(argv=None) -> dict:
     encode = lambda m: tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
                                   add_special_tokens=False)
     base_kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, seed=args.seed,
-                   max_num_seqs=max(batch_sizes), max_model_len=2048, gpu_memory_utilization=0.5,
+                   max_num_seqs=max(batch_sizes), max_model_len=2048, num_gpu_blocks_override=args.kv_blocks,
                    kv_cache_memory=1 << 30)
+    methods = args.methods.split(",")
+    engines = {"off": make_engine(base_kw)}
+    for m in methods:
+        engines[m] = make_engine(dict(base_kw, speculative_method=m, num_speculative_tokens=args.k))
     figures, baseline, rows, mismatches = {}, {}, [], []
     for name in args.workloads.split(","):
         for b in batch_sizes:
             prompts = [encode(m) for m in wl[name][:b]]
-            off, ref = run_mode(base_kw, prompts, args.max_tokens)
+            off, ref = run_mode(engines["off"], prompts, args.max_tokens)
             baseline[f"{name}_b{b}_tok_s"] = off["tok_s"]
             rows.append((f"{name} b={b} off", off))
-            for method in args.methods.split(","):
-                kw = dict(base_kw, speculative_method=method, num_speculative_tokens=args.k)
-                fig, outs = run_mode(kw, prompts, args.max_tokens)
+            for method in methods:
+                fig, outs = run_mode(engines[method], prompts, args.max_tokens)
                 fig["speedup"] = fig["tok_s"] / off["tok_s"]
                 same = sum(o == r for o, r in zip(outs, ref))
                 if same != len(ref):
                     mismatches.append(f"{name} b={b} {method}: {len(ref) - same} of {len(ref)} differ")
-                for k in ("tok_s", "acceptance", "speedup"):
+                for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
                 rows.append((f"{name} b={b} {method}", fig))
+    del engines
+    gc.collect()
     if args.draft_pair:
         # Draft path overhead: a random-weight target and draft of the same shape (acceptance
         # is meaningless here; the row shows what drafting and verifying cost).
@@ -139,9 +152,9 @@ def main(argv=None) -> dict:
         tgt, dft = dummy_model_dir(args.draft_pair), dummy_model_dir(args.draft_pair)
         prompts = [encode(m) for m in wl["extract"][:8]]
         kw = dict(base_kw, model=tgt, load_format="dummy", max_num_seqs=8)
-        off, _ = run_mode(kw, prompts, args.max_tokens)
-        fig, _ = run_mode(dict(kw, speculative_model=dft, num_speculative_tokens=args.k, adaptive_speculation=False),
-                          prompts, args.max_tokens)
+        off, _ = run_mode(make_engine(kw), prompts, args.max_tokens)
+        fig, _ = run_mode(make_engine(dict(kw, speculative_model=dft, num_speculative_tokens=args.k,
+                                           adaptive_speculation=False)), prompts, args.max_tokens)
         baseline["draft_random_pair_b8_tok_s"] = off["tok_s"]
         figures["draft_random_pair_b8_tok_s"] = fig["tok_s"]
         figures["draft_random_pair_b8_speedup"] = fig["tok_s"] / off["tok_s"]
