@@ -36,6 +36,7 @@ class _Inflight:
         self.batch, self.inp, self.sample_reqs = batch, inp, sample_reqs
         self.t0, self.t1, self.t2 = t0, t1, t2
         self.out_index: list[int] = []
+        self.speculated = False
         self.tokens: torch.Tensor | None = None  # on the device; the next step gathers inputs from it
         self.logprobs: torch.Tensor | None = None
         self.host_tokens: list | None = None
@@ -100,9 +101,9 @@ class LLMEngine:
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
             self.spec = SpecDecoder(self)
-        # Overlap host work with the GPU; speculation needs tokens on the host to propose.
+        # Overlap host work with the GPU (steps that speculate run without it).
         a = self.config.async_scheduling
-        self.async_output = self.spec is None and (a is True or (a == "auto" and self.device.type == "cuda"))
+        self.async_output = a is True or (a == "auto" and self.device.type == "cuda")
 
     # ---- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -143,19 +144,24 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduling step. With `async_output` (GPU, no speculation) the step that is
-        launched here runs on the GPU while the host finishes the previous one, so the
-        outputs returned are those of the previous step."""
+        """One scheduling step. With async output (GPU) the step launched here runs on the
+        GPU while the host finishes the previous one, so the outputs returned are those of
+        the previous step. A speculating step needs every token on the host first."""
         outputs, self._pending = self._pending, []
-        if self.spec is not None:
+        overlap = self.async_output
+        if self.spec is not None and self.spec.should_speculate(len(self.scheduler.running)):
+            if self._inflight is not None:  # drafts are proposed from known tokens
+                outputs.extend(self._finish(self._inflight))
+                self._inflight = None
             self.spec.propose(self.scheduler.running)
+            overlap = False
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.errors:
             self._forget(req)
             outputs.append(self._output(req, "error"))
         launched = self._launch(batch, t0) if batch.requests else None
-        if self.async_output:
+        if overlap:
             done, self._inflight = self._inflight, launched
         else:
             done = launched
@@ -171,7 +177,8 @@ class LLMEngine:
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]
         fl = _Inflight(batch, inp, sample_reqs, t0, t1, t2)
-        if self.spec is not None and any(n > 1 for n in inp.rows_per_req):
+        fl.speculated = any(n > 1 for n in inp.rows_per_req)
+        if self.spec is not None and fl.speculated:
             fl.host_tokens = self.spec.verify(sample_reqs, inp.rows_per_req, logits)
         else:
             st = SamplingTensors.from_requests(sample_reqs, self.vocab_size, self.device)
@@ -197,6 +204,7 @@ class LLMEngine:
         t3 = time.perf_counter()
         now = time.monotonic()
         outputs = []
+        emitted = 0
         for j, req in enumerate(fl.sample_reqs):
             if req.is_finished:
                 continue
@@ -208,6 +216,7 @@ class LLMEngine:
                 req.num_computed_tokens -= (scored - 1) - (len(toks) - 1)
                 req.spec_token_ids = []
             req.output_token_ids[idx:idx + 1] = toks
+            emitted += len(toks)
             if fl.logprobs_host is not None:
                 req.output_logprobs.append(fl.logprobs_host[j])
             if req.first_token_time is None:
@@ -227,7 +236,9 @@ class LLMEngine:
                 outputs.append(self._output(req, reason))
             else:
                 self.block_manager.cache_full_blocks(req)
-        self._record_step(fl.inp, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
+        period = self._record_step(fl.inp, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
+        if self.spec is not None:
+            self.spec.observe(len(fl.sample_reqs), fl.speculated, emitted, period)
         return outputs
 
     def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:
@@ -238,12 +249,13 @@ class LLMEngine:
         tm["prepare_s"] += t2 - t1
         tm["forward_sample_s"] += t3 - t2
         tm["update_s"] += t4 - t3
+        # The period between finished steps: with overlap, a step's own span covers two calls.
+        period = t4 - max(t0, self._last_finish)
         if self.step_log is not None:
-            # The period between finished steps: with overlap, a step's own span covers two calls.
-            period = t4 - max(t0, self._last_finish)
             m = inp.meta
             self.step_log.append((period, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
         self._last_finish = t4
+        return period
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)

@@ -28,6 +28,39 @@ def make_proposer(engine):
     raise ValueError(f"unknown speculative method {cfg.speculative_method!r}; use ngram, suffix or a draft model")
 
 
+class SpecGovernor:
+    """Speculate only where it measurably pays: per batch-size bucket, compare tokens per
+    second of speculating steps and plain steps, and keep re-checking the loser briefly."""
+
+    def __init__(self, explore_every: int = 64, explore_steps: int = 3, decay: float = 0.9) -> None:
+        self.rate: dict[tuple[int, bool], float] = {}
+        self.explore_every, self.explore_steps, self.decay = explore_every, explore_steps, decay
+        self.steps: dict[int, int] = {}
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(1, batch).bit_length()
+
+    def speculate(self, batch: int) -> bool:
+        b = self.bucket(batch)
+        n = self.steps.get(b, 0)
+        self.steps[b] = n + 1
+        spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
+        if spec is None or plain is None:  # measure both first
+            return spec is None
+        best = spec >= plain
+        exploring = n % self.explore_every < self.explore_steps
+        return best != exploring
+
+    def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:
+        if seconds <= 0 or tokens <= 0:
+            return
+        key = (self.bucket(batch), speculated)
+        r = tokens / seconds
+        old = self.rate.get(key)
+        self.rate[key] = r if old is None else self.decay * old + (1 - self.decay) * r
+
+
 class SpecDecoder:
     def __init__(self, engine) -> None:
         self.engine = engine
@@ -35,6 +68,14 @@ class SpecDecoder:
         self.adaptive = engine.config.adaptive_speculation
         self.proposer = make_proposer(engine)
         self.controller = SpecController(max_k=self.k)
+        self.governor = SpecGovernor() if self.adaptive else None
+
+    def should_speculate(self, num_running: int) -> bool:
+        return self.governor is None or self.governor.speculate(num_running)
+
+    def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:
+        if self.governor is not None:
+            self.governor.observe(batch, speculated, tokens, seconds)
 
     def propose(self, running: list[Request]) -> None:
         """Set spec_token_ids on requests whose prompt is done."""
