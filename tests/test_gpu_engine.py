@@ -29,7 +29,7 @@ def random_llama_dir() -> str:
     return d
 
 
-def compare_with_transformers(model_dir: str, tokenizer, prompts: list[list[int]]) -> dict:
+def compare_with_transformers(name: str, model_dir: str, tokenizer, prompts: list[list[int]]) -> dict:
     from transformers import AutoModelForCausalLM
 
     from engine.llm_engine import LLMEngine
@@ -51,6 +51,7 @@ def compare_with_transformers(model_dir: str, tokenizer, prompts: list[list[int]
     # to steps of 0.0625 or more, which would hide how close the tie really is.
     hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     exact, near_ties, worst_gap = 0, 0, 0.0
+    divergences = []
     with torch.no_grad():
         for i, p in enumerate(prompts):
             ids = torch.tensor([p], device="cuda")
@@ -62,13 +63,21 @@ def compare_with_transformers(model_dir: str, tokenizer, prompts: list[list[int]
                 exact += 1
                 continue
             j = next(k for k, (a, b) in enumerate(zip(mine, ref)) if a != b)
-            logits = hf32(torch.tensor([p + ref[:j]], device="cuda")).logits[0, -1]
+            ctx = torch.tensor([p + ref[:j]], device="cuda")
+            logits = hf32(ctx).logits[0, -1]
             top2 = logits.topk(2).values
             gap = float(top2[0] - top2[1])
+            bf = hf(ctx).logits[0, -1].float().topk(2).values
+            divergences.append({"prompt": i, "token": j, "gap_fp32": gap, "gap_bf16": float(bf[0] - bf[1]),
+                                "ours": mine[j], "transformers": ref[j]})
             worst_gap = max(worst_gap, gap)
             near_ties += gap <= 0.1
-            assert gap <= 0.1, f"prompt {i}: first difference at token {j} is not a near-tie (gap {gap:.3f})"
-    return {"prompts": len(prompts), "exact": exact, "near_tie_divergences": near_ties, "worst_gap": worst_gap}
+    res = {"prompts": len(prompts), "exact": exact, "near_tie_divergences": near_ties, "worst_gap": worst_gap,
+           "divergences": divergences}
+    _report(name, res)
+    bad = [d for d in divergences if d["gap_fp32"] > 0.1]
+    assert not bad, f"first differences that are not near-ties: {bad}"
+    return res
 
 
 def _report(name: str, res: dict) -> None:
@@ -87,7 +96,7 @@ def test_random_llama_matches_transformers_bf16():
     prompts = [torch.randint(10, 32000, (int(n),), generator=g).tolist()
                for n in torch.randint(8, 300, (NUM_PROMPTS,), generator=g)]
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2")) if os.environ.get("PREFIXQ_HAVE_SMOLLM2") else None
-    _report("random-llama", compare_with_transformers(random_llama_dir(), tok, prompts))
+    compare_with_transformers("random-llama", random_llama_dir(), tok, prompts)
 
 
 @pytest.mark.skipif(not os.environ.get("PREFIXQ_HAVE_SMOLLM2"), reason="SmolLM2 weights not present on this machine")
@@ -104,4 +113,4 @@ def test_smollm2_matches_transformers_bf16():
         msg = [{"role": "user", "content": f"Write {2 + i % 5} sentences about {topics[i % len(topics)]}."}]
         text = tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
         prompts.append(tok.encode(text, add_special_tokens=False))
-    _report("smollm2", compare_with_transformers(path, tok, prompts))
+    compare_with_transformers("smollm2", path, tok, prompts)
