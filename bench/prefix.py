@@ -17,10 +17,10 @@ fraction of all prompt tokens (`--cache-fraction`), so that the order decides th
 Requests are fed the way the worker feeds them: at most `--max-inflight` (default 2 x max_num_seqs)
 in the engine, more added as they finish (`--feed bounded`, the default and the one the headline
 figures use). `--feed all` adds every request up front instead; `--feed both` runs the cached modes
-both ways (modes `arrival_all`, `grouped_all`). With caching on, the bounded feeder holds a row back
-while the row before it, which shares at least one full block with it, is still computing that
-shared prefix (`--no-gate` turns this off): otherwise both would compute the prefix in the same step,
-since blocks enter the cache only once computed.
+both ways (modes `arrival_all`, `grouped_all`). Two requests that share a prefix and arrive in the
+same step do not both compute it: the scheduler admits the second one a step later, as a hit.
+`--gate` adds the older feeder-side hold-back (a row waits until the row before it is cached),
+which serializes admissions of a group and is kept only for comparison.
 
     python -m bench.prefix --dummy-weights qwen3-0.6b                  # GPU, full size
     python -m bench.prefix --model smollm2                             # GPU, real SmolLM2 weights
@@ -272,7 +272,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-inflight", type=int, default=None, help="rows in the engine at once (default 2 x max_num_seqs)")
     ap.add_argument("--feed", choices=["bounded", "all", "both"], default="bounded")
-    ap.add_argument("--no-gate", action="store_true", help="do not hold a row back while its predecessor computes their shared prefix")
+    ap.add_argument("--gate", action="store_true", help="also hold a row back in the feeder until its predecessor's shared prefix is cached")
     ap.add_argument("--modes", default=None, help="comma list of modes to run (default: all for --feed)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
@@ -329,7 +329,7 @@ def main(argv=None) -> dict:
             caching = m != "off"
             order = grouped if m.startswith("grouped") else arrival
             r = run_mode(eng, prompts, order, caching=caching, num_blocks=blocks,
-                         max_inflight=None if m.endswith("_all") else max_inflight, gate=not args.no_gate,
+                         max_inflight=None if m.endswith("_all") else max_inflight, gate=args.gate,
                          output_len=args.output_len)
             r["hit_rate_of_best"] = r["hit_rate"] / best.best_hit_rate if best.best_hit_rate else 0.0
             res[m] = r
@@ -366,7 +366,7 @@ def main(argv=None) -> dict:
                      "questions_per_template": args.questions_per_template, "output_len": args.output_len,
                      "cache_fraction": args.cache_fraction, "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
-                     "feed": args.feed, "gate": not args.no_gate, "modes": modes, "seed": args.seed},
+                     "feed": args.feed, "gate": args.gate, "modes": modes, "seed": args.seed},
         "details": details})
     print(f"wrote {out}")
     print_table(f"{name} on {dev}: prefix caching and grouping (feed {args.feed}, "

@@ -85,6 +85,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching, model_key=path)
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len)
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.scheduler.min_admission_slots = max(1, self.config.max_num_seqs // 8)
         self.stop_checker = StopChecker(tokenizer, _eos_ids(cfg, tokenizer, path), self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

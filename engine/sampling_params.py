@@ -47,8 +47,9 @@ class SamplingParams:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
             bad("top_k", f"must be an integer, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not -(1 << 63) <= self.seed < (1 << 63)):
+            bad("seed", f"must be an integer that fits in 64 bits, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "must be a non-empty string or a list of them")
 

@@ -39,6 +39,12 @@ class Scheduler:
         self.num_preemptions = 0
         # Hook: reorders the waiting queue before admission (prefix grouping).
         self.waiting_order: Callable[[deque[Request]], deque[Request]] | None = None
+        # Admitting a request into a pure decode batch turns a CUDA-graph step into an eager
+        # mixed one. On the GPU the engine sets this so admissions gather until this many
+        # sequence slots are free (or every waiting request fits), within max_admission_wait steps.
+        self.min_admission_slots = 1
+        self.max_admission_wait = 8
+        self._admission_wait = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -68,6 +74,7 @@ class Scheduler:
         # Hashes of full blocks this step computes, so a waiting request that shares
         # them waits one step and hits instead of computing them again.
         computing: set[bytes] = set()
+        prefilling = not self.running  # an idle engine admits at once
 
         # 1. Running requests, oldest first; the newest is preempted when blocks run out.
         i = 0
@@ -89,6 +96,7 @@ class Scheduler:
                 out.requests.append(req)
                 out.num_tokens.append(n)
                 if req.num_computed_tokens < req.num_prompt_tokens:  # a prefill chunk
+                    prefilling = True
                     self._note_computing(req, req.num_computed_tokens, n, computing)
                 budget -= n
                 i += 1
@@ -96,6 +104,8 @@ class Scheduler:
             # req itself was preempted; running[i] now holds the next request.
 
         # 2. Waiting requests, while budget, sequence slots and blocks last.
+        if self.waiting and not prefilling and not self._admission_due():
+            return out
         if self.waiting_order is not None and self.waiting:
             self.waiting = self.waiting_order(self.waiting)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -133,6 +143,15 @@ class Scheduler:
             out.num_tokens.append(n)
             budget -= n
         return out
+
+    def _admission_due(self) -> bool:
+        free = self.config.max_num_seqs - len(self.running)
+        want = min(len(self.waiting), self.min_admission_slots)
+        if free >= max(1, want) or self._admission_wait >= self.max_admission_wait:
+            self._admission_wait = 0
+            return True
+        self._admission_wait += 1
+        return False
 
     def _note_computing(self, req: Request, start: int, n: int, computing: set[bytes]) -> None:
         if not self.bm.enable_prefix_caching:

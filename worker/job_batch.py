@@ -52,14 +52,6 @@ def compat_key(rec: dict) -> tuple:
     return (rec.get("model") or "", json.dumps(eng, sort_keys=True) if isinstance(eng, dict) else str(eng))
 
 
-def _common_len(a: list[int], b: list[int]) -> int:
-    n, lo = min(len(a), len(b)), 0
-    while lo < n and a[lo:lo + 256] == b[lo:lo + 256]:
-        lo = min(n, lo + 256)
-    while lo < n and a[lo] == b[lo]:
-        lo += 1
-    return lo
-
 
 class BatchSession:
     """One engine shared by several jobs; rows of all jobs are ordered together by prefix."""
@@ -79,11 +71,6 @@ class BatchSession:
         self.in_engine: set[str] = set()  # full request ids
         self.outbox: dict[str, list] = {}
         self.counters: dict[str, dict[str, int]] = {}
-        cfg = getattr(engine, "config", None)
-        self.block_size = int(getattr(cfg, "block_size", 16) or 16)
-        # Hold rows back only where a prefix cache can serve them (the paged engine, caching on).
-        self.gate = bool(getattr(cfg, "enable_prefix_caching", False)) and hasattr(engine, "requests")
-        self._prev: tuple[str, list[int]] | None = None  # last fed request id and tokens
         self._gather_since: float | None = None
 
     def join(self, job_id: str) -> JobEngine:
@@ -183,21 +170,15 @@ class BatchSession:
             self.queue.extend(window)
 
     def _feed(self) -> None:
-        eng, bs = self.engine, self.block_size
+        eng = self.engine
         while self.queue and len(self.in_engine) < self.max_inflight:
-            row = self.queue[0]
-            if self._prev is not None and self.gate:
-                prev_id, prev_toks = self._prev
-                shared = _common_len(prev_toks, row.token_ids) // bs * bs
-                prev = getattr(eng, "requests", {}).get(prev_id)
-                if shared and prev is not None and getattr(prev, "num_cached_blocks", 0) * bs < shared:
-                    break  # the shared prefix of the row before is not in the prefix cache yet
-            self.queue.popleft()
+            # Rows sharing a prefix may go in together: the scheduler admits a row whose prefix
+            # another row computes in the same step one step later, as a cache hit.
+            row = self.queue.popleft()
             full = f"{row.job_id}/{row.row_index}"
             params = self.params.pop((row.job_id, row.row_index), None)
             self.in_engine.add(full)
             eng.add_request(full, row.token_ids, params)
-            self._prev = (full, row.token_ids)
 
     def _step_engine(self) -> None:
         for out in self.engine.step():
