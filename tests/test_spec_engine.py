@@ -47,3 +47,19 @@ def test_adaptive_speculation_backs_off_at_large_batch():
     # Random prompts rarely match: the controller stops proposing once acceptance is seen to be low.
     s = eng.stats()
     assert s["spec_proposed"] < 48 * 5 * 4 / 2
+
+
+def test_draft_model_speculation_is_exact_and_accepts_its_own_tokens():
+    from tests.engine_helpers import tiny_model_dir
+    prompts = copy_heavy_prompts(6)
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama"), prompts, sp)
+    # The target as its own draft: every greedy draft must be accepted.
+    eng = tiny_engine("llama", speculative_model=tiny_model_dir("llama"), num_speculative_tokens=3,
+                      adaptive_speculation=False)
+    spec = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["spec_proposed"] > 0 and s["spec_accepted"] == s["spec_proposed"]
+    draft = eng.spec.proposer.engine
+    assert not draft.requests and draft.block_manager.num_free_blocks == draft.block_manager.num_blocks
