@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get("PREFIXQ_METRICS_PORT", "9090")),
                    help="Prometheus port (0 disables)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--max-num-seqs", type=int, default=int(os.environ.get("PREFIXQ_MAX_NUM_SEQS", "32")),
-                   help="requests running at once (use 256 on a GPU)")
+    p.add_argument("--max-num-seqs", type=int,
+                   default=int(os.environ["PREFIXQ_MAX_NUM_SEQS"]) if os.environ.get("PREFIXQ_MAX_NUM_SEQS") else None,
+                   help="requests running at once (default 256 on a GPU, 32 on the CPU)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step (8192)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of GPU memory (0.9)")

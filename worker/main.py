@@ -14,7 +14,7 @@ log = logging.getLogger("prefixq.worker")
 
 def run_worker(model: str | None = None, queue: str | None = None, engine: str | None = None,
                burst: bool = False, metrics_port: int = 9090, redis_url: str | None = None,
-               device: str | None = None, max_num_seqs: int = 32, max_inflight: int | None = None,
+               device: str | None = None, max_num_seqs: int | None = None, max_inflight: int | None = None,
                window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0,
                split_rows: int = 0, bridge: bool = False, engine_config: dict | None = None) -> int:
     import redis
@@ -41,6 +41,10 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
         log.info("metrics on :%d/metrics", metrics_port)
 
     t0 = time.monotonic()
+    if max_num_seqs is None:  # a GPU batches hundreds of sequences; the CPU path gains little past a few dozen
+        import torch
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        max_num_seqs = 256 if on_gpu else 32
     eng, kind = make_engine(engine, model, device=device, max_num_seqs=max_num_seqs, **(engine_config or {}))
     load_s = time.monotonic() - t0
     metrics.model_load_seconds.set(load_s)
