@@ -15,7 +15,7 @@ log = logging.getLogger("prefixq.worker")
 def run_worker(model: str | None = None, queue: str | None = None, engine: str | None = None,
                burst: bool = False, metrics_port: int = 9090, redis_url: str | None = None,
                device: str | None = None, max_num_seqs: int | None = None, max_inflight: int | None = None,
-               window: int = 256, shard_rows: int = 256, shard_seconds: float = 10.0,
+               window: int | None = None, shard_rows: int = 256, shard_seconds: float = 10.0,
                split_rows: int = 0, bridge: bool = False, engine_config: dict | None = None) -> int:
     import redis
     from rq import Queue
@@ -50,6 +50,9 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
     metrics.model_load_seconds.set(load_s)
     log.info("loaded %s with engine %s in %.1fs", model, kind, load_s)
 
+    # Rows are tokenized and ordered by prefix a window at a time: bounded memory on huge jobs,
+    # and the larger the window, the more of a job's shared prefixes land together.
+    window = window or int(os.environ.get("PREFIXQ_ORDER_WINDOW", "50000"))
     ctx = runner.WorkerContext(engine=eng, engine_kind=kind, model=model, redis=r_text, metrics=metrics,
                                window=window, max_inflight=max_inflight or max(8, 2 * max_num_seqs),
                                shard_rows=shard_rows, shard_seconds=shard_seconds, redis_bytes=r_bytes,
