@@ -155,3 +155,21 @@ def test_lookups_of_a_waiting_request_are_counted_once():
         batch = s.schedule()
         assert [r.request_id for r in batch.requests] in (["a"], [])
     assert bm.stats.queries == 1
+
+
+def test_gpu_admission_gathers_until_enough_slots_are_free():
+    cfg = EngineConfig(model="x", max_num_batched_tokens=512, max_num_seqs=8)
+    s = Scheduler(cfg, BlockManager(64, 16), max_model_len=1024)
+    s.min_admission_slots, s.max_admission_wait = 4, 3
+    running = [req(f"r{i}", list(range(i, i + 5))) for i in range(7)]
+    for r in running:
+        s.add(r)
+    s.schedule()
+    for r in running:  # all decoding now
+        r.num_computed_tokens = r.num_tokens
+        r.output_token_ids.append(1)
+    for i in range(5):
+        s.add(req(f"w{i}", list(range(50 + i, 60 + i))))
+    # One slot free, 5 waiting: admission waits (pure decode steps) up to max_admission_wait steps.
+    waited = [len([r for r in s.schedule().requests if r.request_id.startswith("w")]) for _ in range(4)]
+    assert waited == [0, 0, 0, 1]
