@@ -52,7 +52,8 @@ class HFEngine:
                        "spec_accepted": 0, "kv_usage": 0.0, "preemptions": 0, "steps": 0, "requests": 0}
 
     # -- protocol --------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    job_id: str | None = None) -> None:
         now = time.monotonic()
         try:
             if not prompt_token_ids:

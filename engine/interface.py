@@ -15,8 +15,9 @@ class Engine(Protocol):
     tokenizer: object  # a transformers tokenizer
     max_model_len: int
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request. Problems with one request (too long, bad params) must not raise:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    job_id: str | None = None) -> None:
+        """Queue a request (job_id lets job-wide state, such as the suffix proposer's tree, learn). Problems with one request (too long, bad params) must not raise:
         they come back from the next `step` as a finished output with finish_reason 'error'."""
 
     def step(self) -> list[RequestOutput]:

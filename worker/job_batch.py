@@ -178,7 +178,7 @@ class BatchSession:
             full = f"{row.job_id}/{row.row_index}"
             params = self.params.pop((row.job_id, row.row_index), None)
             self.in_engine.add(full)
-            eng.add_request(full, row.token_ids, params)
+            eng.add_request(full, row.token_ids, params, job_id=row.job_id)
 
     def _step_engine(self) -> None:
         for out in self.engine.step():

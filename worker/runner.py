@@ -394,7 +394,7 @@ class JobRunner:
                 p = ready.popleft()
                 rid = str(p.index)
                 inflight[rid] = (p, time.monotonic())
-                eng.add_request(rid, p.prompt_token_ids, p.params)
+                eng.add_request(rid, p.prompt_token_ids, p.params, job_id=self.job_id)
             if not inflight and not ready and exhausted:
                 break
             if inflight:
@@ -451,6 +451,10 @@ class JobRunner:
         pt, ct = written.prompt_tokens, written.completion_tokens
         elapsed = time.time() - t_start
         hit = (delta.get("cached_tokens", 0) / delta["prompt_tokens"]) if delta.get("prompt_tokens") else 0.0
+        # Rates are recomputed from this job's counter deltas (a difference of cumulative rates means nothing).
+        ratio = lambda a, b: (delta.get(a, 0) / delta[b]) if delta.get(b) else 0.0  # noqa: E731
+        delta.update(prefix_cache_hit_rate=hit, spec_acceptance_rate=ratio("spec_accepted", "spec_proposed"),
+                     spec_mean_accepted_length=ratio("spec_accepted", "spec_verifications"))
         manifest = {
             "job_id": self.job_id, "status": "succeeded", "model": rec["model"], "engine": ctx.engine_kind,
             "input": rec["input_key"], "input_format": ext_in, "kind": rec.get("kind"),
@@ -464,6 +468,9 @@ class JobRunner:
                         "output_tokens_per_s": round(ct / elapsed, 3) if elapsed > 0 else None},
             "attempts": attempt, "worker": ctx.name,
             "prefix_cache_hit_rate": round(hit, 6),
+            "speculative": {"proposed": delta.get("spec_proposed", 0), "accepted": delta.get("spec_accepted", 0),
+                            "acceptance_rate": round(delta["spec_acceptance_rate"], 6),
+                            "mean_accepted_length": round(delta["spec_mean_accepted_length"], 6)},
             "engine_stats": {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in delta.items()},
             "shards": len(retry("load commits", lambda: res.load_commits(store, self.prefix, total)).records),
         }
