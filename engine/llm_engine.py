@@ -123,13 +123,12 @@ class LLMEngine:
             bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt has token id {bad[0]} outside the vocabulary (size {self.vocab_size})")
-        except ValueError as e:
+        except (ValueError, TypeError) as e:  # a bad request fails alone; the engine goes on
             self._pending.append(RequestOutput(request_id, list(prompt_token_ids), [], "", True, "error",
                                                error=str(e), arrival_time=now, finish_time=now))
             return
         req = Request(request_id, list(prompt_token_ids), params, arrival_time=now,
-                      cache_salt=self.config.cache_salt)
-        req.job_id = job_id
+                      cache_salt=self.config.cache_salt, job_id=job_id)
         self.requests[request_id] = req
         self.scheduler.add(req)
 
