@@ -30,12 +30,18 @@ def make_proposer(engine):
 
 class SpecGovernor:
     """Speculate only where it measurably pays: per batch-size bucket, compare tokens per
-    second of speculating steps and plain steps, and keep re-checking the loser briefly."""
+    second of speculating steps and plain steps, and re-check the loser now and then. Each
+    re-check that confirms the loser doubles the wait before the next one, so a mode that
+    keeps losing costs almost nothing in the long run."""
 
-    def __init__(self, explore_every: int = 64, explore_steps: int = 3, decay: float = 0.9) -> None:
+    def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
+                 decay: float = 0.9) -> None:
         self.rate: dict[tuple[int, bool], float] = {}
-        self.explore_every, self.explore_steps, self.decay = explore_every, explore_steps, decay
+        self.explore_every, self.explore_steps, self.max_every, self.decay = \
+            explore_every, explore_steps, max_every, decay
         self.steps: dict[int, int] = {}
+        self.every: dict[int, int] = {}
+        self.best: dict[int, bool] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
@@ -43,14 +49,19 @@ class SpecGovernor:
 
     def speculate(self, batch: int) -> bool:
         b = self.bucket(batch)
-        n = self.steps.get(b, 0)
-        self.steps[b] = n + 1
         spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
         if spec is None or plain is None:  # measure both first
             return spec is None
         best = spec >= plain
-        exploring = n % self.explore_every < self.explore_steps
-        return best != exploring
+        every = self.every.get(b, self.explore_every)
+        if self.best.get(b) is not None and self.best[b] != best:
+            every = self.explore_every  # the winner changed: watch closely again
+        self.best[b] = best
+        n = self.steps.get(b, 0) + 1
+        if n >= every + self.explore_steps:  # a re-check just ended and confirmed the winner
+            n, every = 0, min(2 * every, self.max_every)
+        self.steps[b], self.every[b] = n, every
+        return best != (n >= every)
 
     def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
