@@ -132,20 +132,16 @@ class BlockManager:
             self.stats.hits += 1
             self.stats.hit_tokens += num_hit_blocks * self.block_size
 
-    def num_blocks_needed(self, req: Request, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
-        total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
-        return max(0, total - len(req.blocks) - num_hit_blocks)
-
     def allocate_slots(self, req: Request, num_new_tokens: int,
                        hit_blocks: list[KVBlock] | None = None) -> bool:
         """Reserve blocks for num_new_tokens more tokens (after any hit blocks).
         Returns False, changing nothing, when the pool cannot hold them."""
-        if not hit_blocks:  # the common decode case, kept cheap: it runs for every request every step
-            need = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size) - len(req.blocks)
-            if need <= 0:
-                return True
         hit_blocks = hit_blocks or []
-        need = self.num_blocks_needed(req, num_new_tokens, len(hit_blocks))
+        total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
+        need = total - len(req.blocks) - len(hit_blocks)
+        if need <= 0 and not hit_blocks:  # the common decode step: nothing to do
+            return True
+        need = max(0, need)
         # Hit blocks that sit in the free queue stop being free once touched.
         revived = sum(1 for b in hit_blocks if b.ref_cnt == 0)
         if need > self.free_queue.num_free - revived:
