@@ -41,10 +41,20 @@ b)
   python -m bench.throughput --dummy-weights llama-3.1-8b --input-len 256 --output-len 256 --num-prompts 1000 \
     --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-h100
   ;;
-q)  # Qwen3-0.6B shape with baselines (and the GGUF's first half parked in /tmp for phase c)
+q)  # Qwen3-0.6B shape with baselines and caching's cost when nothing is shared; prefix bench
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "throughput qwen3-0.6b"
   python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
-    --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-qwen3-0.6b-h100
+    --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --caching-overhead 2 \
+    --name throughput-qwen3-0.6b-h100
+  log "prefix qwen3-0.6b"
+  python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100
+  ;;
+s)  # SmolLM2: bf16 check vs transformers, spec profile, prefix bench on the SmolLM2 shape
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -6
+  log "spec profile b1"; python -m bench.profile_spec --batch 1 2>&1 | tail -80
+  log "prefix smollm2"; python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100
   ;;
 c)  # SmolLM2 check and speculative decoding on the real model
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"

@@ -98,14 +98,16 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
 
 
 # ---- sizing ------------------------------------------------------------------------------------
-def pool_blocks(prompts: list[list[int]], fraction: float, max_num_seqs: int, block_size: int,
+def pool_blocks(prompts: list[list[int]], fraction: float, floor_seqs: int, block_size: int,
                 output_len: int = OUTPUT_LEN) -> tuple[int, int]:
-    """KV pool size: fraction x all prompt tokens, but never less than max_num_seqs of the longest
-    requests need without any sharing (so the running batch always fits). Returns (blocks, floor)."""
+    """KV pool size: fraction x all prompt tokens, but never less than `floor_seqs` of the longest
+    requests need without any sharing. The default floor is one request: how many run at once is
+    then decided by the pool, as for a user whose cache is small, and sharing lets more of them
+    fit (caching off fills the pool with copies of the same prefix). Returns (blocks, floor)."""
     total = sum(map(len, prompts))
     want = math.ceil(fraction * total / block_size)
     longest = max(map(len, prompts)) + output_len
-    floor = max_num_seqs * math.ceil(longest / block_size)
+    floor = floor_seqs * math.ceil(longest / block_size)
     return max(want, floor), floor
 
 
@@ -155,7 +157,11 @@ def fresh_state(eng, num_blocks: int, caching: bool) -> None:
     eng.config.enable_prefix_caching = caching
     eng.block_manager = BlockManager(num_blocks, eng.config.block_size, caching,
                                      model_key=eng.block_manager.model_key)
+    old = eng.scheduler
     eng.scheduler = Scheduler(eng.config, eng.block_manager, eng.max_model_len)
+    # Keep the engine's admission policy (admission gathering on the GPU).
+    eng.scheduler.min_admission_slots = old.min_admission_slots
+    eng.scheduler.max_admission_wait = old.max_admission_wait
     for k in eng.counters:
         eng.counters[k] = 0
     for k in eng.timings:
@@ -267,8 +273,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--len-scale", type=float, default=1.0, help="scales every prompt length (CPU runs)")
     ap.add_argument("--output-len", type=int, default=OUTPUT_LEN, help="output tokens per request (64; less for quick CPU runs)")
     ap.add_argument("--cache-fraction", type=float, default=0.08,
-                    help="KV pool as a fraction of all prompt tokens (raised to what max_num_seqs running requests need)")
-    ap.add_argument("--max-num-seqs", type=int, default=64)
+                    help="KV pool as a fraction of all prompt tokens (raised to what --floor-seqs unshared requests need)")
+    ap.add_argument("--floor-seqs", type=int, default=1,
+                    help="the pool holds at least this many of the longest requests without sharing")
+    ap.add_argument("--max-num-seqs", type=int, default=256, help="the engine's GPU default")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-inflight", type=int, default=None, help="rows in the engine at once (default 2 x max_num_seqs)")
     ap.add_argument("--feed", choices=["bounded", "all", "both"], default="bounded")
@@ -296,7 +304,7 @@ def main(argv=None) -> dict:
     loads = {w: make_workload(w, args.scale, args.len_scale, min(vocab, 49152), args.seed, args.questions_per_template)
              for w in names}
     bs = 16
-    sizing = {w: pool_blocks(p, args.cache_fraction, args.max_num_seqs, bs, args.output_len) for w, p in loads.items()}
+    sizing = {w: pool_blocks(p, args.cache_fraction, args.floor_seqs, bs, args.output_len) for w, p in loads.items()}
     max_len = max(max(map(len, p)) for p in loads.values()) + args.output_len + 16
     eng = build_engine(args, path, max(b for b, _ in sizing.values()), max_len)
     bs = eng.config.block_size
@@ -364,7 +372,8 @@ def main(argv=None) -> dict:
         "workload": {"model": model, "dummy_weights": bool(args.dummy_weights), "workloads": names,
                      "scale": args.scale, "len_scale": args.len_scale,
                      "questions_per_template": args.questions_per_template, "output_len": args.output_len,
-                     "cache_fraction": args.cache_fraction, "max_num_seqs": args.max_num_seqs,
+                     "cache_fraction": args.cache_fraction, "floor_seqs": args.floor_seqs,
+                     "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
                      "feed": args.feed, "gate": args.gate, "modes": modes, "seed": args.seed},
         "details": details})

@@ -41,6 +41,11 @@ def main(argv=None) -> None:
             pr.disable()
             print(f"== {label} rep {rep}: {fig} in {time.monotonic() - t0:.2f}s, timings {eng.timings}")
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        # Device side: which kernels the steps spend their GPU time in.
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run_mode(eng, prompts, 32)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
         del eng
         torch.cuda.empty_cache()
 

@@ -43,6 +43,19 @@ def run_ours(args, path, prompts, out_lens) -> tuple[dict, object]:
         eng.add_request(f"w{i}", prompts[i], warm)
     while eng.has_unfinished():
         eng.step()
+    fig, outs = timed_run(eng, args, prompts, out_lens)
+    if args.caching_overhead:
+        fig.update(caching_overhead(eng, args, prompts, out_lens, args.caching_overhead))
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return fig, outs
+
+
+def timed_run(eng, args, prompts, out_lens) -> tuple[dict, list]:
+    """One timed pass over every prompt on a warm engine with an empty prefix cache."""
+    from engine.sampling_params import SamplingParams
     for k in eng.timings:
         eng.timings[k] = 0 if k == "steps" else 0.0
     eng.step_log = []
@@ -80,11 +93,22 @@ def run_ours(args, path, prompts, out_lens) -> tuple[dict, object]:
         bw = [(w_bytes + ctx * kv_tok) / dt / 1e9 for dt, b, ctx in big]
         fig["decode_bandwidth_gbs"] = sum(bw) / len(bw)
         fig["decode_batch_mean"] = sum(b for _, b, _ in big) / len(big)
-    del eng
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return fig, outs
+
+
+def caching_overhead(eng, args, prompts, out_lens, reps: int) -> dict:
+    """Prefix caching's cost when nothing is shared: the same engine and prompts (random tokens,
+    so no block repeats), caching off and on alternately, best of `reps` each."""
+    best = {False: 0.0, True: 0.0}
+    for _ in range(reps):
+        for caching in (False, True):
+            eng.config.enable_prefix_caching = caching
+            eng.block_manager.enable_prefix_caching = caching
+            fig, _ = timed_run(eng, args, prompts, out_lens)
+            best[caching] = max(best[caching], fig["output_tok_s"])
+    eng.config.enable_prefix_caching = eng.block_manager.enable_prefix_caching = not args.no_prefix_caching
+    return {"nothing_shared_caching_off_tok_s": best[False], "nothing_shared_caching_on_tok_s": best[True],
+            "prefix_caching_overhead_pct": 100 * (1 - best[True] / best[False])}
 
 
 def load_hf(path, args):
@@ -165,6 +189,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--caching-overhead", type=int, default=0, metavar="REPS",
+                    help="also time caching off and on alternately REPS times each (nothing is shared)")
     ap.add_argument("--baselines", default="generate,generate_batch", help="comma list, or 'none'")
     ap.add_argument("--hf-num-prompts", type=int, default=None, help="run baselines on the first N prompts only")
     ap.add_argument("--hf-batch-size", type=int, default=64)
