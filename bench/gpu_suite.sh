@@ -60,8 +60,18 @@ c)  # SmolLM2 check and speculative decoding on the real model
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -4
   log "spec"; python -m bench.spec --model smollm2 --name spec-smollm2-h100
+  log "throughput smollm2"
+  python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
+    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
   ;;
-p)  # prefix caching and grouping
+l)  # Llama-3.1-8B shape throughput (parks the GGUF's first half in /tmp for phase c)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "throughput llama-3.1-8b"
+  python -m bench.throughput --dummy-weights llama-3.1-8b --input-len 256 --output-len 256 --num-prompts 1000 \
+    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-h100
+  ;;
+p)  # prefix caching and grouping (parks the GGUF's first half in /tmp for phase c)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
   python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100
   python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100
   ;;

@@ -19,6 +19,10 @@ from kernels import ops
 
 log = logging.getLogger(__name__)
 
+# Steps whose sequences each bring at most this many new tokens run as decode steps with one
+# row per token (see ModelRunner.prepare); larger chunks go through the extend kernel.
+MAX_ROWS_AS_DECODE = 8
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -167,6 +171,18 @@ class ModelRunner:
         slots[pos < hit[row]] = -1  # already in a cached block: keep that KV
         dev = self.device
         ctx = starts + lens
+        B_rows, q_max = B, int(lens.max())
+        if 1 < q_max <= MAX_ROWS_AS_DECODE:
+            # Few new tokens per sequence (speculative verification): give every token a row of
+            # its own, with its sequence's block table and a context ending at its own position.
+            # Causality then comes from the context lengths, the whole step is a decode step
+            # (decode kernel, CUDA graph), and the KV of earlier tokens of the same sequence is
+            # already written, since each layer stores K/V before it attends.
+            table = table[row]
+            ctx = pos + 1
+            cu_q = np.arange(T + 1, dtype=np.int32)
+            lens = np.ones(T, dtype=np.int64)
+            B_rows = T
         # One host-to-device copy for everything; the pieces are views of it.
         parts = [np.asarray(ids, dtype=np.int64), pos, slots, ctx, cu_q, np.asarray(logit_idx, dtype=np.int64),
                  table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64)]
@@ -176,7 +192,7 @@ class ModelRunner:
         if gather_at:
             input_ids[g_at] = prev_tokens[g_from]
         meta = AttentionMetadata(
-            slot_mapping=slots_t, block_tables=table_t.view(B, max_blocks).to(torch.int32),
+            slot_mapping=slots_t, block_tables=table_t.view(B_rows, max_blocks).to(torch.int32),
             context_lens=ctx_t.to(torch.int32), cu_seqlens_q=cu_t.to(torch.int32),
             is_decode=bool((lens == 1).all()), max_q_len=int(lens.max()), max_context_len=int(ctx.max()))
         return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()))

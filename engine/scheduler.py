@@ -108,6 +108,9 @@ class Scheduler:
             return out
         if self.waiting_order is not None and self.waiting:
             self.waiting = self.waiting_order(self.waiting)
+        # Requests whose next block another request computes this step step aside (keeping their
+        # place in the queue) and are admitted next step as hits; the ones behind them go on.
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
@@ -121,7 +124,10 @@ class Scheduler:
             hits = self.bm.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
             num_hit = len(hits) * self.bm.block_size
             if len(hits) < len(req.block_hashes) and req.block_hashes[len(hits)] in computing:
-                break  # its next block is being computed this step: admit it next step, as a hit
+                if len(deferred) >= self.config.max_num_seqs:
+                    break
+                deferred.append(self.waiting.popleft())
+                continue
             n = req.num_tokens - num_hit
             if n > budget:
                 if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
@@ -142,6 +148,7 @@ class Scheduler:
             out.requests.append(req)
             out.num_tokens.append(n)
             budget -= n
+        self.waiting.extendleft(reversed(deferred))
         return out
 
     def _admission_due(self) -> bool:

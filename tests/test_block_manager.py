@@ -145,6 +145,27 @@ def test_waiting_request_defers_to_a_prefix_computed_this_step():
     assert bm.stats.queries == 2 and bm.stats.hits == 1 and bm.stats.hit_tokens == 64
 
 
+def test_requests_behind_a_deferred_one_are_still_admitted():
+    """Grouped order puts a document's questions together: while the first computes the shared
+    document, the others step aside for one step, and the next document starts in the same step."""
+    cfg = EngineConfig(model="x", max_num_batched_tokens=512, max_num_seqs=8)
+    bm = BlockManager(64, 16)
+    s = Scheduler(cfg, bm, max_model_len=1024)
+    doc1, doc2 = list(range(64)), list(range(100, 164))
+    a1, a2, b1, b2 = (req("a1", doc1 + [1]), req("a2", doc1 + [2]), req("b1", doc2 + [3]), req("b2", doc2 + [4]))
+    for r in (a1, a2, b1, b2):
+        s.add(r)
+    batch = s.schedule()
+    assert batch.requests == [a1, b1]
+    assert list(s.waiting) == [a2, b2]  # their places are kept
+    for r, n in zip(batch.requests, batch.num_tokens):
+        r.num_computed_tokens += n
+        bm.cache_full_blocks(r)
+    batch = s.schedule()
+    assert a2 in batch.requests and b2 in batch.requests
+    assert a2.num_cached_tokens == 64 and b2.num_cached_tokens == 64
+
+
 def test_lookups_of_a_waiting_request_are_counted_once():
     cfg = EngineConfig(model="x", max_num_batched_tokens=256, max_num_seqs=8)
     bm = BlockManager(4, 16)

@@ -54,13 +54,14 @@ def test_invariants(result, w):
             assert r["recomputed_tokens"] == 0
             assert r["admissions"] == info["requests"]
             assert r["admit_hit_tokens"] == r["cached_tokens"]
-    # caching off computes every prompt token
-    assert off["prefill_tokens_computed"] == info["prompt_tokens"] and off["cached_tokens"] == 0
+    # caching off computes every prompt token (again after each preemption: the pool is small)
+    assert off["prefill_tokens_computed"] == info["prompt_tokens"] + off["recomputed_tokens"]
+    assert off["cached_tokens"] == 0
     assert off["hit_rate"] == 0.0 and off["bm_queries"] == 0
     # grouping never does worse than arrival order, and comes close to the best
     assert grp["hit_rate"] >= arr["hit_rate"]
     assert grp["hit_rate_of_best"] >= 0.9
-    # the pool is what was asked: a fraction of the prompt tokens, but holds the running batch
+    # the pool is what was asked: a fraction of the prompt tokens, but holds the longest request
     assert info["kv_blocks"] >= info["kv_blocks_running_floor"]
     assert info["cache_fraction_actual"] == pytest.approx(info["kv_blocks"] * 16 / info["prompt_tokens"])
 

@@ -79,3 +79,36 @@ def test_governor_follows_measured_rates_and_rechecks_less_and_less():
     g.observe(1, True, tokens=500, seconds=1.0)
     g.observe(1, False, tokens=100, seconds=1.0)
     assert [g.speculate(1) for _ in range(10)].count(True) >= 8  # where speculation wins, it runs
+
+
+def test_verification_rows_run_as_decode_and_match_the_extend_path(monkeypatch):
+    """A verifying step gives each scored token its own decode row (so the GPU replays a decode
+    CUDA graph); its logits must equal those of the extend-attention path."""
+    import torch
+
+    import engine.model_runner as mr
+    prompts = copy_heavy_prompts(6)
+    sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+    def run(max_rows):
+        monkeypatch.setattr(mr, "MAX_ROWS_AS_DECODE", max_rows)
+        eng = tiny_engine("llama-gqa3-tied", speculative_method="ngram", num_speculative_tokens=4,
+                          adaptive_speculation=False)
+        seen = []
+        fwd = eng.runner.forward
+
+        def spy(inp):
+            out = fwd(inp)
+            if any(n > 1 for n in inp.rows_per_req):
+                seen.append((inp.meta.is_decode, out.clone()))
+            return out
+        eng.runner.forward = spy
+        return run_engine(eng, prompts, sp), seen
+
+    outs_decode, seen_decode = run(8)
+    outs_extend, seen_extend = run(0)
+    assert [o.token_ids for o in outs_decode] == [o.token_ids for o in outs_extend]
+    assert seen_decode and all(d for d, _ in seen_decode) and not any(d for d, _ in seen_extend)
+    assert len(seen_decode) == len(seen_extend)
+    for (_, a), (_, b) in zip(seen_decode, seen_extend):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
