@@ -56,13 +56,22 @@ s)  # SmolLM2: bf16 check vs transformers, spec profile, prefix bench on the Smo
   log "spec profile b1"; python -m bench.profile_spec --batch 1 2>&1 | tail -80
   log "prefix smollm2"; python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100
   ;;
-c)  # SmolLM2 check and speculative decoding on the real model
+c)  # SmolLM2: speculative decoding, then the bf16 check (logs go to $OUT as they run)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -4
-  log "spec"; python -m bench.spec --model smollm2 --name spec-smollm2-h100
-  log "throughput smollm2"
+  log "spec"; timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+    --workloads ${SPEC_WORKLOADS:-extract,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
+  tail -45 "$OUT/spec.log"
+  log "engine GPU check (SmolLM2)"
+  timeout ${CHECK_TIMEOUT:-200} python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 > "$OUT/check.log" 2>&1
+  tail -c 3000 "$OUT/check.log"
+  ;;
+t)  # SmolLM2 throughput
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
     --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
+  ;;
+park)  # only park the GGUF's first half in /tmp, for the next call
+  cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
   ;;
 l)  # Llama-3.1-8B shape throughput (parks the GGUF's first half in /tmp for phase c)
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/

@@ -52,12 +52,13 @@ def compare_with_transformers(name: str, model_dir: str, tokenizer, prompts: lis
     hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
     exact, near_ties, worst_gap = 0, 0, 0.0
     divergences = []
+    hf_bf16 = {}
     with torch.no_grad():
         for i, p in enumerate(prompts):
             ids = torch.tensor([p], device="cuda")
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
-                              min_new_tokens=NUM_TOKENS, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[0, len(p):].tolist()
+            ref = hf_bf16[i] = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NUM_TOKENS,
+                                           min_new_tokens=NUM_TOKENS, do_sample=False, eos_token_id=None,
+                                           pad_token_id=0)[0, len(p):].tolist()
             mine = ours[str(i)]
             if mine == ref:
                 exact += 1
@@ -79,11 +80,6 @@ def compare_with_transformers(name: str, model_dir: str, tokenizer, prompts: lis
                                   max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
                  for i, p in enumerate(prompts)}
-        hf_bf16 = {i: hf.generate(torch.tensor([p], device="cuda"), attention_mask=torch.ones(1, len(p), device="cuda",
-                                                                                              dtype=torch.long),
-                                  max_new_tokens=NUM_TOKENS, min_new_tokens=NUM_TOKENS, do_sample=False,
-                                  eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-                   for i, p in enumerate(prompts)}
         vs32 = {"ours": _against_fp32(hf32, prompts, {i: ours[str(i)] for i in range(len(prompts))}, ref32),
                 "transformers_bf16": _against_fp32(hf32, prompts, hf_bf16, ref32)}
     res = {"prompts": len(prompts), "exact": exact, "near_tie_divergences": near_ties, "worst_gap": worst_gap,
