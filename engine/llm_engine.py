@@ -151,11 +151,16 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         overlap = self.async_output
         if self.spec is not None and self.spec.should_speculate(len(self.scheduler.running)):
-            if self._inflight is not None:  # drafts are proposed from known tokens
-                outputs.extend(self._finish(self._inflight))
-                self._inflight = None
-            self.spec.propose(self.scheduler.running)
-            overlap = False
+            # k per request comes from acceptance estimates alone; only when someone will draft
+            # does the host wait for the tokens in flight (drafts continue known tokens), so a
+            # step where nobody drafts keeps its overlap.
+            plan = self.spec.plan(self.scheduler.running)
+            if plan:
+                if self._inflight is not None:
+                    outputs.extend(self._finish(self._inflight))
+                    self._inflight = None
+                drafted = self.spec.propose(plan)
+                overlap = self.async_output and not drafted
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.errors:
@@ -165,6 +170,9 @@ class LLMEngine:
         if overlap:
             done, self._inflight = self._inflight, launched
         else:
+            if self._inflight is not None:  # (only if a step in flight precedes a synchronous one)
+                outputs.extend(self._finish(self._inflight))
+                self._inflight = None
             done = launched
         if done is not None:
             outputs.extend(self._finish(done))

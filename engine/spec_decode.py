@@ -88,26 +88,35 @@ class SpecDecoder:
         if self.governor is not None:
             self.governor.observe(batch, speculated, tokens, seconds)
 
-    def propose(self, running: list[Request]) -> None:
-        """Set spec_token_ids on requests whose prompt is done."""
+    def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
+        """(request, k) for each decoding request that should draft this step. Needs no
+        token values, so it can run while the previous step's tokens are still on the GPU."""
         reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not r.spec_token_ids]
         if not reqs:
-            return
+            return []
         # Room left: drafts never run past max_tokens or the model's context.
         caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1,
                            self.engine.max_model_len - r.num_tokens - 1)) for r in reqs]
-        ids = [r.request_id for r in reqs]
-        ks = self.controller.choose_k(ids, caps) if self.adaptive else caps
-        active = [i for i, k in enumerate(ks) if k > 0]
-        if not active:
-            return
-        drafts = self.proposer.propose([ids[i] for i in active], [reqs[i].all_token_ids for i in active],
-                                       [ks[i] for i in active], [getattr(reqs[i], "job_id", None) for i in active])
-        for i, d in zip(active, drafts):
-            reqs[i].spec_token_ids = list(d[:ks[i]])
+        ks = self.controller.choose_k([r.request_id for r in reqs], caps) if self.adaptive else caps
+        return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+
+    def propose(self, plan: list[tuple[Request, int]]) -> bool:
+        """Set spec_token_ids for the planned requests still running; True if any got drafts."""
+        plan = [(r, k) for r, k in plan if not r.is_finished]
+        if not plan:
+            return False
+        drafts = self.proposer.propose([r.request_id for r, _ in plan], [r.all_token_ids for r, _ in plan],
+                                       [k for _, k in plan], [getattr(r, "job_id", None) for r, _ in plan])
+        any_draft = False
+        for (r, k), d in zip(plan, drafts):
+            r.spec_token_ids = list(d[:k])
+            any_draft |= bool(r.spec_token_ids)
+        return any_draft
 
     def verify(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
         """Tokens to emit per request: accepted drafts, then one corrected or bonus token."""
+        if all(r.params.greedy for r in reqs):
+            return self._verify_greedy(reqs, rows_per_req, logits)
         N, K1, V = len(reqs), max(rows_per_req), logits.shape[1]
         dev = logits.device
         counts = torch.tensor(rows_per_req, device=dev)
@@ -138,8 +147,26 @@ class SpecDecoder:
             drafts = drafts[:, :0]
         out = rejection_sample(probs, drafts.to(dev), num_draft, greedy=greedy, target_argmax=target_argmax,
                                noise=noise)
-        tokens = out.tokens.tolist()
-        num_acc = out.num_accepted.tolist()
+        return self._record(reqs, rows_per_req, out.tokens.tolist(), out.num_accepted.tolist())
+
+    def _verify_greedy(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
+        """Greedy rows: a draft is accepted while it equals the target's argmax, and the argmax
+        after the last accepted draft is the bonus or corrected token. One device-to-host copy."""
+        top = logits.argmax(-1).tolist()
+        tokens, num_acc, row = [], [], 0
+        for r, n in zip(reqs, rows_per_req):
+            t = top[row:row + n]
+            row += n
+            a = 0
+            for d in r.spec_token_ids[:n - 1]:
+                if d != t[a]:
+                    break
+                a += 1
+            tokens.append(t)
+            num_acc.append(a)
+        return self._record(reqs, rows_per_req, tokens, num_acc)
+
+    def _record(self, reqs, rows_per_req, tokens, num_acc) -> list[list[int]]:
         result = []
         for i, r in enumerate(reqs):
             proposed = rows_per_req[i] - 1

@@ -83,8 +83,10 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     B = context_lens.shape[0]
     if T == 0 or B == 0:
         return out
+    lowp = use_lowp_dot(k_cache.dtype)
     if block_m is None:
-        block_m = 128 if D <= 64 else 64
+        # fp32 dots run on the CUDA cores: large tiles spill registers and leave SMs idle.
+        block_m = (128 if D <= 64 else 64) if lowp else 32
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     grid = (T // block_q + B, Hkv)
@@ -92,7 +94,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
                          q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
                          k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), scale * LOG2E,
                          GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, PAGE=page, BLOCK_N=64,
-                         HEAD_D=D, LOWP=use_lowp_dot(k_cache.dtype))
+                         HEAD_D=D, LOWP=lowp)
     return out
 
 

@@ -112,3 +112,17 @@ def test_verification_rows_run_as_decode_and_match_the_extend_path(monkeypatch):
     assert len(seen_decode) == len(seen_extend)
     for (_, a), (_, b) in zip(seen_decode, seen_extend):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_speculation_with_overlapped_steps_is_exact(method):
+    """With async output (the GPU default, forced here on the CPU) steps where nobody drafts stay
+    overlapped and drafting steps wait for the tokens in flight: output is unchanged."""
+    prompts = copy_heavy_prompts(10) + mixed_prompts(6, 256, 20, 40, seed=5)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, sp)
+    eng = tiny_engine("llama", speculative_method=method, num_speculative_tokens=4, async_scheduling=True)
+    spec = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_proposed"] > 0
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
