@@ -60,8 +60,9 @@ def run_worker(model: str | None = None, queue: str | None = None, engine: str |
                                heartbeat_ttl=float(os.environ.get("PREFIXQ_HEARTBEAT_TTL_S", "30")),
                                heartbeat_seconds=float(os.environ.get("PREFIXQ_HEARTBEAT_S", "5")))
     ctx.split_rows = split_rows
-    # >1: also take up to N-1 compatible queued jobs and run them in one engine session (worker.job_batch)
-    ctx.max_batch_jobs = int(os.environ.get("PREFIXQ_BATCH_JOBS", "1"))
+    # Also take up to N-1 compatible queued jobs and run them in one engine session, so prefix
+    # grouping spans jobs (worker.job_batch); 1 runs one job at a time.
+    ctx.max_batch_jobs = int(os.environ.get("PREFIXQ_BATCH_JOBS", "8"))
     runner.set_context(ctx)
     q = Queue(queue, connection=r_bytes, serializer=JSONSerializer)
     from worker.lifecycle import PrefixqWorker, work_forever
