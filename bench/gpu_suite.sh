@@ -3,6 +3,11 @@
 # Usage on the device machine (from the repo root):  bash bench/gpu_suite.sh PHASE
 #   a: kernel + engine GPU tests (random weights), Qwen3-0.6B-shape throughput
 #   b: SmolLM2 (joined from two carried GGUF halves), its GPU check and throughput, Llama-3.1-8B shape
+#   q: Qwen3-0.6B-shape throughput with caching overhead, prefix bench    l: Llama-3.1-8B throughput
+#   p: prefix bench, both shapes    park: GGUF first half to /tmp    c: spec + SmolLM2 bf16 check
+#   t: SmolLM2 throughput    s: SmolLM2 check, spec profile, SmolLM2-shape prefix bench
+# Phases that need SmolLM2 (b, c, s, t) must follow, within 30 s, a call that carried .carry/p1
+# (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-bench/results}; mkdir -p "$OUT"
