@@ -169,10 +169,7 @@ class LLMEngine:
         launched = self._launch(batch, t0) if batch.requests else None
         if overlap:
             done, self._inflight = self._inflight, launched
-        else:
-            if self._inflight is not None:  # (only if a step in flight precedes a synchronous one)
-                outputs.extend(self._finish(self._inflight))
-                self._inflight = None
+        else:  # a drafting step already finished the one in flight; without async output there is none
             done = launched
         if done is not None:
             outputs.extend(self._finish(done))

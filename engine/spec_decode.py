@@ -115,7 +115,7 @@ class SpecDecoder:
 
     def verify(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
         """Tokens to emit per request: accepted drafts, then one corrected or bonus token."""
-        if all(r.params.greedy for r in reqs):
+        if all(r.params.greedy for r in reqs):  # the rest needs probabilities and noise
             return self._verify_greedy(reqs, rows_per_req, logits)
         N, K1, V = len(reqs), max(rows_per_req), logits.shape[1]
         dev = logits.device
@@ -128,21 +128,17 @@ class SpecDecoder:
         valid = col[None, :] < counts[:, None]
         idx = torch.where(valid, idx, starts[:, None])
         padded_logits = logits[idx]  # [N, K+1, V]
-        target_argmax = padded_logits.argmax(-1)
-        if st.all_greedy:  # greedy rows follow target_argmax: no probabilities or noise needed
-            probs = padded_logits
-            noise = SpecNoise(exp=torch.ones(N, K1, 1, device=dev), uniform=torch.zeros(N, K1 - 1, device=dev))
-        else:
-            probs = processed_probs(padded_logits.reshape(N * K1, V),
-                                    st.repeat(torch.full((N,), K1, device=dev))).reshape(N, K1, V)
-            flat = exponential_noise(reqs, V, dev, self.engine.default_generator, [K1] * N)
-            noise = SpecNoise(exp=flat.reshape(N, K1, V), uniform=torch.rand(N, K1 - 1, device=dev))
+        target_argmax = padded_logits.argmax(-1)  # greedy rows of a mixed batch follow it
+        probs = processed_probs(padded_logits.reshape(N * K1, V),
+                                st.repeat(torch.full((N,), K1, device=dev))).reshape(N, K1, V)
+        flat = exponential_noise(reqs, V, dev, self.engine.default_generator, [K1] * N)
+        noise = SpecNoise(exp=flat.reshape(N, K1, V), uniform=torch.rand(N, K1 - 1, device=dev))
         num_draft = counts - 1
         drafts = torch.zeros(N, max(1, K1 - 1), dtype=torch.long)
         for i, r in enumerate(reqs):
             d = r.spec_token_ids[:rows_per_req[i] - 1]
             drafts[i, :len(d)] = torch.tensor(d, dtype=torch.long)
-        greedy = torch.ones(N, dtype=torch.bool, device=dev) if st.all_greedy else st.temperature <= 0
+        greedy = st.temperature <= 0
         if K1 == 1:  # nobody drafted: rejection_sample still handles it, with K = 0
             drafts = drafts[:, :0]
         out = rejection_sample(probs, drafts.to(dev), num_draft, greedy=greedy, target_argmax=target_argmax,
