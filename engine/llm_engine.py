@@ -37,6 +37,7 @@ class _Inflight:
         self.t0, self.t1, self.t2 = t0, t1, t2
         self.out_index: list[int] = []
         self.speculated = False
+        self.spec_mode = False  # the governor had speculation on when this step was planned
         self.tokens: torch.Tensor | None = None  # on the device; the next step gathers inputs from it
         self.logprobs: torch.Tensor | None = None
         self.host_tokens: list | None = None
@@ -150,7 +151,8 @@ class LLMEngine:
         the previous step. A speculating step needs every token on the host first."""
         outputs, self._pending = self._pending, []
         overlap = self.async_output
-        if self.spec is not None and self.spec.should_speculate(len(self.scheduler.running)):
+        spec_mode = self.spec is not None and self.spec.should_speculate(len(self.scheduler.running))
+        if spec_mode:
             # k per request comes from acceptance estimates alone; only when someone will draft
             # does the host wait for the tokens in flight (drafts continue known tokens), so a
             # step where nobody drafts keeps its overlap.
@@ -167,6 +169,8 @@ class LLMEngine:
             self._forget(req)
             outputs.append(self._output(req, "error"))
         launched = self._launch(batch, t0) if batch.requests else None
+        if launched is not None:
+            launched.spec_mode = spec_mode
         if overlap:
             done, self._inflight = self._inflight, launched
         else:  # a drafting step already finished the one in flight; without async output there is none
@@ -244,7 +248,10 @@ class LLMEngine:
                 self.block_manager.cache_full_blocks(req)
         period = self._record_step(fl.inp, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
         if self.spec is not None:
-            self.spec.observe(len(fl.sample_reqs), fl.speculated, emitted, period)
+            # Credit the step to the mode the governor chose, not to whether drafts appeared:
+            # a speculating-mode step whose proposer found nothing still paid for the lost
+            # overlap, and counting it as plain would make plain decoding look slow.
+            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period)
         return outputs
 
     def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:

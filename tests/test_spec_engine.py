@@ -126,3 +126,17 @@ def test_speculation_with_overlapped_steps_is_exact(method):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert eng.stats()["spec_proposed"] > 0
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_governor_credits_steps_to_the_chosen_mode_even_when_nothing_was_drafted():
+    """Open chat: the proposer rarely finds anything, yet a speculating-mode step still waits for
+    the tokens in flight. The governor must time those steps as speculating ones (not as plain
+    steps), or it never sees speculation's rate and keeps it on forever."""
+    prompts = mixed_prompts(2, 256, 40, 60, seed=9)  # random tokens: no n-gram repeats to copy
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True,
+                      prompt_lookup_min=3)
+    run_engine(eng, prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    gov = eng.spec.governor
+    bucket = gov.bucket(2)
+    assert (bucket, True) in gov.rate and (bucket, False) in gov.rate
+    assert eng.stats()["spec_proposed"] == 0  # indeed nothing was drafted
