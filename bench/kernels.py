@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench, do_bench_cudagraph
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.cascade_attention import cascade_decode_attention, concat_block_tables  # noqa: E402
+from kernels.cascade_attention import cascade_decode_attention, concat_block_tables, group_layout  # noqa: E402
 from kernels.decode_attention import gather_kv, paged_decode_attention  # noqa: E402
 
 HQ, HKV, D, BS = 16, 8, 128, 16  # Qwen3-0.6B attention shape
@@ -76,7 +76,8 @@ def bench_cascade(fig, B=256, prefix=768, suffix=256):
     tables, lens = concat_block_tables(pbt, plens, sg, sbt, slens, BS)
     tok = 2 * HKV * D * k.element_size()
     t_plain = graph_bench(lambda: paged_decode_attention(q, k, v, tables, lens, D ** -0.5))
-    t_casc = graph_bench(lambda: cascade_decode_attention(q, k, v, pbt, plens, sg, sbt, slens, D ** -0.5))
+    gcu, order = group_layout(sg, 1)
+    t_casc = graph_bench(lambda: cascade_decode_attention(q, k, v, pbt, plens, gcu, order, sbt, slens, D ** -0.5))
     name = f"cascade_B{B}_prefix{prefix}_suffix{suffix}"
     fig[f"{name}_plain_us"] = t_plain * 1e3
     fig[f"{name}_cascade_us"] = t_casc * 1e3

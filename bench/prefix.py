@@ -13,6 +13,8 @@ fraction of all prompt tokens (`--cache-fraction`), so that the order decides th
   off        prefix caching off, arrival order
   arrival    caching on, arrival order
   grouped    caching on, rows ordered by `worker.prefix_order.order_by_prefix` (radix-tree DFS)
+  grouped_nocascade  as grouped, with shared-prefix (cascade) decode attention off, to show
+             what cascade attention adds (on the GPU; the CPU never uses it by default)
 
 Requests are fed the way the worker feeds them: at most `--max-inflight` (default 2 x max_num_seqs)
 in the engine, more added as they finish (`--feed bounded`, the default and the one the headline
@@ -52,7 +54,7 @@ WORKLOADS = {
     "b": "32 few-shot templates of 1,500 tokens x 64 questions (30-100 tokens)",
     "c": "RAG: 200 documents of 2,000 tokens x 5 questions (30-100 tokens)",
 }
-MODES_BOUNDED = ["off", "arrival", "grouped"]
+MODES_BOUNDED = ["off", "arrival", "grouped", "grouped_nocascade"]
 MODES_ALL = ["arrival_all", "grouped_all"]
 
 
@@ -169,10 +171,17 @@ def fresh_state(eng, num_blocks: int, caching: bool) -> None:
 
 
 def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, num_blocks: int,
-             max_inflight: int | None, gate: bool, output_len: int = OUTPUT_LEN) -> dict:
-    """Feed prompts[order] to a fresh cache; max_inflight None adds everything up front."""
+             max_inflight: int | None, gate: bool, output_len: int = OUTPUT_LEN, cascade: bool = True) -> dict:
+    """Feed prompts[order] to a fresh cache; max_inflight None adds everything up front.
+    cascade=False turns shared-prefix decode attention off for this run."""
     from engine.sampling_params import SamplingParams
     fresh_state(eng, num_blocks, caching)
+    runner = eng.runner
+    cascade_rows = runner.cascade_min_rows
+    if not cascade:
+        runner.cascade_min_rows = None
+    cascade_steps0 = runner.cascade_steps
+    eng.step_log = []
     counts = Counts()
     _instrument(eng.scheduler, counts)
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -203,6 +212,8 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
             outs.append(o)
             inflight -= 1
     elapsed = time.monotonic() - t0
+    runner.cascade_min_rows = cascade_rows
+    log, eng.step_log = eng.step_log, None
     bad = [o for o in outs if o.finish_reason != "length" or len(o.token_ids) != output_len]
     if len(outs) != len(seq) or bad:
         raise RuntimeError(f"{len(bad)} of {len(outs)}/{len(seq)} requests failed: "
@@ -225,6 +236,10 @@ def run_mode(eng, prompts: list[list[int]], order: list[int], *, caching: bool, 
         "admit_hit_tokens": counts.admit_hit_tokens, "admit_query_tokens": counts.admit_query_tokens,
         "bm_queries": bm.queries, "bm_query_tokens": bm.query_tokens, "bm_hit_tokens": bm.hit_tokens,
         "gated_waits": gated,
+        # Where the time went: steps with only decode rows against steps that also prefill.
+        "decode_steps": sum(1 for e in log if e[1]), "decode_step_s": sum(e[0] for e in log if e[1]),
+        "prefill_step_s": sum(e[0] for e in log if not e[1]),
+        "cascade_steps": runner.cascade_steps - cascade_steps0,
     }
 
 
@@ -338,13 +353,15 @@ def main(argv=None) -> dict:
             order = grouped if m.startswith("grouped") else arrival
             r = run_mode(eng, prompts, order, caching=caching, num_blocks=blocks,
                          max_inflight=None if m.endswith("_all") else max_inflight, gate=args.gate,
-                         output_len=args.output_len)
+                         output_len=args.output_len, cascade=not m.endswith("_nocascade"))
             r["hit_rate_of_best"] = r["hit_rate"] / best.best_hit_rate if best.best_hit_rate else 0.0
             res[m] = r
             table.append((f"{w} {m}", r))
             print(f"  {m:12s} prefill computed {r['prefill_tokens_computed']:>10,}  hit {r['hit_rate']:.3f} "
                   f"({r['hit_rate_of_best']:.1%} of best)  {r['output_tok_s']:,.1f} out tok/s  "
-                  f"{r['elapsed_s']:.2f}s  preempt {r['preemptions']}", flush=True)
+                  f"{r['elapsed_s']:.2f}s  preempt {r['preemptions']}  decode-only steps {r['decode_steps']} "
+                  f"{r['decode_step_s']:.2f}s, other steps {r['prefill_step_s']:.2f}s, cascade {r['cascade_steps']}",
+                  flush=True)
             gc.collect()
         details[w] = {"workload": info, "modes": res}
         for k, v in info.items():
@@ -352,7 +369,7 @@ def main(argv=None) -> dict:
         for m, r in res.items():
             dst = baseline if m == "off" else figures
             for k in ("prefill_tokens_computed", "hit_rate", "hit_rate_of_best", "output_tok_s", "elapsed_s",
-                      "preemptions", "recomputed_tokens"):
+                      "preemptions", "recomputed_tokens", "decode_step_s", "prefill_step_s", "cascade_steps"):
                 dst[f"{w}_{m}_{k}"] = r[k]
         if "grouped" in res:
             g = res["grouped"]
@@ -362,6 +379,8 @@ def main(argv=None) -> dict:
                     res["off"]["prefill_tokens_computed"] / max(1, g["prefill_tokens_computed"]))
             if "arrival" in res:
                 figures[f"{w}_speedup_grouped_vs_arrival"] = res["arrival"]["elapsed_s"] / g["elapsed_s"]
+            if "grouped_nocascade" in res:
+                figures[f"{w}_speedup_cascade"] = res["grouped_nocascade"]["elapsed_s"] / g["elapsed_s"]
         if "arrival" in res and "off" in res:
             figures[f"{w}_speedup_arrival_vs_off"] = res["off"]["elapsed_s"] / res["arrival"]["elapsed_s"]
 
@@ -384,9 +403,9 @@ def main(argv=None) -> dict:
                  "elapsed_s", "preemptions"])
     speed = [(w, {k: figures.get(f"{w}_{k}", "-") for k in
                   ("speedup_grouped_vs_off", "speedup_grouped_vs_arrival", "speedup_arrival_vs_off",
-                   "cache_fraction_actual", "best_hit_rate")}) for w in names]
+                   "speedup_cascade", "cache_fraction_actual", "best_hit_rate")}) for w in names]
     print_table("speedups (time to finish)", speed, ["speedup_grouped_vs_off", "speedup_grouped_vs_arrival",
-                                                     "speedup_arrival_vs_off", "cache_fraction_actual",
+                                                     "speedup_arrival_vs_off", "speedup_cascade", "cache_fraction_actual",
                                                      "best_hit_rate"])
     return {"figures": figures, "baseline": baseline, "details": details, "path": str(out)}
 

@@ -22,6 +22,9 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Prepare step n+1 while step n runs: "auto" on the GPU; True also on the CPU (tests).
     async_scheduling: bool | str = "auto"
+    # Shared-prefix (cascade) decode attention when many running rows share prefix blocks:
+    # "auto" on the GPU; True also on the CPU (tests); False never.
+    cascade_attention: bool | str = "auto"
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes
     # speculative decoding

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.cascade_plan import MAX_GROUPS, plan_cascade
 from engine.config import EngineConfig
-from engine.models.llama import AttentionMetadata, LlamaForCausalLM
+from engine.models.llama import AttentionMetadata, CascadeMetadata, LlamaForCausalLM
 from engine.models.loader import build_model
 from engine.request import Request
 from engine.scheduler import ScheduledBatch
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 # Steps whose sequences each bring at most this many new tokens run as decode steps with one
 # row per token (see ModelRunner.prepare); larger chunks go through the extend kernel.
 MAX_ROWS_AS_DECODE = 8
+# Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
+# below it attention is a small part of the step and the plan's host time would not pay.
+CASCADE_MIN_ROWS = 32
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,7 +77,15 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.kv_cache[0, i]
             layer.self_attn.v_cache = self.kv_cache[1, i]
+        c = config.cascade_attention
+        self.cascade_min_rows = None  # None: cascade attention off
+        if c is True:
+            self.cascade_min_rows = 2
+        elif c == "auto" and self.device.type == "cuda":
+            self.cascade_min_rows = CASCADE_MIN_ROWS
+        self.cascade_steps = 0  # decode steps that ran cascade attention
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_bufs: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
@@ -183,18 +195,33 @@ class ModelRunner:
             cu_q = np.arange(T + 1, dtype=np.int32)
             lens = np.ones(T, dtype=np.int64)
             B_rows = T
+        is_decode = bool((lens == 1).all())
+        plan = None
+        # Verification rows (q_max > 1) already read their sequence's blocks k+1 times from
+        # the L2 cache; cascade there is unmeasured, so it stays on plain decode steps.
+        if q_max == 1 and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
+            plan = plan_cascade(table, ctx, self.block_size)
         # One host-to-device copy for everything; the pieces are views of it.
         parts = [np.asarray(ids, dtype=np.int64), pos, slots, ctx, cu_q, np.asarray(logit_idx, dtype=np.int64),
                  table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64)]
+        if plan is not None:
+            parts += [plan.prefix_tables.ravel(), plan.prefix_lens, plan.group_cu, plan.order,
+                      plan.suffix_tables.ravel(), plan.suffix_lens]
         flat = _to(np.concatenate(parts).astype(np.int64, copy=False), dev)
-        input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = torch.split(
-            flat, [len(p) for p in parts])
+        pieces = torch.split(flat, [len(p) for p in parts])
+        input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = pieces[:9]
         if gather_at:
             input_ids[g_at] = prev_tokens[g_from]
+        cascade = None
+        if plan is not None:
+            pt, pl, gcu, order, st, sl = (p.to(torch.int32) for p in pieces[9:])
+            cascade = CascadeMetadata(pt.view(plan.prefix_tables.shape), pl, gcu, order,
+                                      st.view(plan.suffix_tables.shape), sl)
+            self.cascade_steps += 1
         meta = AttentionMetadata(
             slot_mapping=slots_t, block_tables=table_t.view(B_rows, max_blocks).to(torch.int32),
             context_lens=ctx_t.to(torch.int32), cu_seqlens_q=cu_t.to(torch.int32),
-            is_decode=bool((lens == 1).all()), max_q_len=int(lens.max()), max_context_len=int(ctx.max()))
+            is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int(ctx.max()), cascade=cascade)
         return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()))
 
     # ---- forward -------------------------------------------------------------
@@ -202,6 +229,10 @@ class ModelRunner:
     def forward(self, inp: StepInputs) -> torch.Tensor:
         """Logits [num scored rows, vocab] for the rows in inp.logits_indices."""
         B = inp.meta.block_tables.shape[0]
+        if inp.meta.is_decode and inp.meta.cascade is not None and self.cascade_graphs \
+                and B <= max(self.cascade_graphs):
+            return self._replay_cascade(inp)
+        # (A cascade plan also keeps the plain tables valid, so the plain graph may serve it.)
         if inp.meta.is_decode and self.graphs and B <= max(self.graphs):
             return self._replay(inp)
         h = self.model(inp.input_ids, inp.positions, inp.meta)
@@ -236,7 +267,41 @@ class ModelRunner:
             pool = graph.pool()
             self.graphs[B] = graph
             g[f"logits_{B}"] = out
+        if self.cascade_min_rows is not None:
+            self._capture_cascade_graphs([s for s in sizes if s >= self.cascade_min_rows], pool)
         torch.cuda.synchronize()
+
+    def _capture_cascade_graphs(self, sizes: list[int], pool) -> None:
+        """Decode graphs whose attention reads shared prefixes once per group. The plan's
+        layout is fixed (MAX_GROUPS groups and a no-prefix group), so one graph per size
+        serves every plan; rows past the batch go to the no-prefix group."""
+        if not sizes:
+            return
+        maxB, mb, dev, g = sizes[-1], self.max_blocks_per_seq, self.device, self.graph_bufs
+        G = MAX_GROUPS + 1
+        g.update({
+            "c_prefix_tables": torch.zeros(G, mb, dtype=torch.int32, device=dev),
+            "c_prefix_lens": torch.zeros(G, dtype=torch.int32, device=dev),
+            "c_group_cu": torch.zeros(G + 1, dtype=torch.int32, device=dev),
+            "c_order": torch.arange(maxB, dtype=torch.int32, device=dev),
+            "c_rows": torch.arange(maxB, dtype=torch.int32, device=dev),
+            "c_suffix_tables": torch.zeros(maxB, mb, dtype=torch.int32, device=dev),
+            "c_suffix_lens": torch.ones(maxB, dtype=torch.int32, device=dev),
+        })
+        for B in reversed(sizes):
+            g["c_group_cu"][-1] = B  # everything in the no-prefix group while capturing
+            cm = CascadeMetadata(g["c_prefix_tables"], g["c_prefix_lens"], g["c_group_cu"], g["c_order"][:B],
+                                 g["c_suffix_tables"][:B], g["c_suffix_lens"][:B])
+            meta = AttentionMetadata(g["slot_mapping"][:B], g["block_tables"][:B], g["context_lens"][:B],
+                                     g["cu_seqlens_q"][:B + 1], True, 1, self.max_model_len, cascade=cm)
+            with torch.inference_mode():
+                self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                out = self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+            pool = graph.pool()
+            self.cascade_graphs[B] = graph
+            g[f"clogits_{B}"] = out
 
     def _replay(self, inp: StepInputs) -> torch.Tensor:
         B = inp.meta.block_tables.shape[0]
@@ -252,6 +317,27 @@ class ModelRunner:
         g["block_tables"][:B, :nb].copy_(m.block_tables, non_blocking=True)
         self.graphs[size].replay()
         return g[f"logits_{size}"][:B][inp.logits_indices]
+
+    def _replay_cascade(self, inp: StepInputs) -> torch.Tensor:
+        B = inp.meta.block_tables.shape[0]
+        size = next(s for s in sorted(self.cascade_graphs) if s >= B)
+        g, m, c = self.graph_bufs, inp.meta, inp.meta.cascade
+        g["input_ids"][:B].copy_(inp.input_ids, non_blocking=True)
+        g["positions"][:B].copy_(inp.positions, non_blocking=True)
+        g["slot_mapping"][:B].copy_(m.slot_mapping, non_blocking=True)
+        g["slot_mapping"][B:size].fill_(-1)
+        nb = c.prefix_block_tables.shape[1]
+        g["c_prefix_tables"][:, :nb].copy_(c.prefix_block_tables, non_blocking=True)
+        g["c_prefix_lens"].copy_(c.prefix_lens, non_blocking=True)
+        g["c_group_cu"].copy_(c.group_cu, non_blocking=True)
+        g["c_group_cu"][-1:].fill_(size)  # padding rows join the no-prefix group
+        g["c_order"][:B].copy_(c.order, non_blocking=True)
+        g["c_order"][B:size].copy_(g["c_rows"][B:size], non_blocking=True)
+        g["c_suffix_tables"][:B, :nb].copy_(c.suffix_block_tables, non_blocking=True)
+        g["c_suffix_lens"][:B].copy_(c.suffix_lens, non_blocking=True)
+        g["c_suffix_lens"][B:size].fill_(1)
+        self.cascade_graphs[size].replay()
+        return g[f"clogits_{size}"][:B][inp.logits_indices]
 
 
 def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:

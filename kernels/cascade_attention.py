@@ -66,9 +66,21 @@ def _prefix_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, plen_ptr, gcu_ptr, order_ptr, o_
     tl.store(lse_ptr + seq * s_lb + head * s_lh + sp * s_ls, lse, mask=rvalid)
 
 
-def cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+def group_layout(seq_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence group ids -> (group_cu [G+1], order [B]): order lists the sequences
+    sorted by group, group_cu[g]:group_cu[g+1] is group g's slice of it."""
+    order = torch.argsort(seq_group, stable=True)
+    group_cu = torch.searchsorted(seq_group[order].contiguous(),
+                                  torch.arange(num_groups + 1, device=seq_group.device, dtype=seq_group.dtype))
+    return group_cu.to(torch.int32), order.to(torch.int32)
+
+
+def cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                                  suffix_block_tables, suffix_lens, scale, block_m=None):
-    """-> (out [B,Hq,D], lse [B,Hq]). No host sync: safe to capture in a CUDA graph."""
+    """-> (out [B,Hq,D], lse [B,Hq]). Sequence order[i] for i in group_cu[g]:group_cu[g+1] reads
+    prefix g (prefix_lens[g] tokens, whole blocks) and then its own suffix. Every shape is
+    static and nothing syncs with the host, so this runs inside a CUDA graph; groups may be
+    empty and a group with prefix length 0 holds the sequences that share nothing."""
     check_cache(k_cache, v_cache)
     B, Hq, D = q.shape
     _, page, Hkv, _ = k_cache.shape
@@ -81,12 +93,7 @@ def cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefi
         block_m = 64
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
-    # Rows of each group, contiguous: order lists sequences sorted by group.
-    order = torch.argsort(seq_group, stable=True)
-    group_cu = torch.searchsorted(seq_group[order].contiguous(),
-                                  torch.arange(G + 1, device=q.device, dtype=seq_group.dtype)).to(torch.int32)
-    order = order.to(torch.int32)
-    n_tiles = B // block_q + G
+    n_tiles = B // block_q + G  # enough for every group's tiles, whatever the sizes
     sp = choose_num_splits(n_tiles, Hkv, prefix_block_tables.shape[1] * page, q.device)
     ss = choose_num_splits(B, Hkv, suffix_block_tables.shape[1] * page, q.device)
     mid_o = torch.empty(B, Hq, sp + ss, D, dtype=torch.float32, device=q.device)
@@ -103,10 +110,19 @@ def cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefi
     return out, lse
 
 
-def cascade_decode_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+def cascade_decode_attention(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                              suffix_block_tables, suffix_lens, scale, block_m=None):
-    return cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+    return cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                                         suffix_block_tables, suffix_lens, scale, block_m)[0]
+
+
+def seq_groups(group_cu: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Inverse of group_layout: the group id of each sequence."""
+    sizes = (group_cu[1:] - group_cu[:-1]).long()
+    groups = torch.repeat_interleave(torch.arange(len(sizes), device=order.device), sizes)
+    out = torch.empty(order.shape[0], dtype=torch.long, device=order.device)
+    out[order.long()] = groups
+    return out
 
 
 def concat_block_tables(prefix_block_tables, prefix_lens, seq_group, suffix_block_tables, suffix_lens, block_size):
@@ -123,15 +139,15 @@ def concat_block_tables(prefix_block_tables, prefix_lens, seq_group, suffix_bloc
     return tables, (prefix_lens[g] + suffix_lens).to(torch.int32)
 
 
-def cascade_decode_attention_lse_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+def cascade_decode_attention_lse_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                                      suffix_block_tables, suffix_lens, scale, block_m=None):
     """Reference: plain paged decode over the concatenated tables."""
-    tables, lens = concat_block_tables(prefix_block_tables, prefix_lens, seq_group, suffix_block_tables,
-                                       suffix_lens, k_cache.shape[1])
+    tables, lens = concat_block_tables(prefix_block_tables, prefix_lens, seq_groups(group_cu, order),
+                                       suffix_block_tables, suffix_lens, k_cache.shape[1])
     return paged_decode_attention_lse_ref(q, k_cache, v_cache, tables, lens, scale)
 
 
-def cascade_decode_attention_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+def cascade_decode_attention_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                                  suffix_block_tables, suffix_lens, scale, block_m=None):
-    return cascade_decode_attention_lse_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, seq_group,
+    return cascade_decode_attention_lse_ref(q, k_cache, v_cache, prefix_block_tables, prefix_lens, group_cu, order,
                                             suffix_block_tables, suffix_lens, scale)[0]

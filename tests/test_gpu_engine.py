@@ -158,3 +158,36 @@ def test_smollm2_matches_transformers_bf16():
         text = tok.apply_chat_template(msg, add_generation_prompt=True, tokenize=False)
         prompts.append(tok.encode(text, add_special_tokens=False))
     compare_with_transformers("smollm2", path, tok, prompts)
+
+
+def test_cascade_attention_graphs_keep_greedy_output():
+    """Shared-prefix decode on the GPU (CUDA graphs, nested groups, spec verification rows)
+    gives the same fp32 greedy tokens as plain decode attention, and really runs."""
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    g = torch.Generator().manual_seed(2)
+    system = torch.randint(10, 32000, (300,), generator=g).tolist()
+    docs = [torch.randint(10, 32000, (200,), generator=g).tolist() for _ in range(6)]
+    prompts = [system + docs[i % 6] + torch.randint(10, 32000, (int(5 + i % 40),), generator=g).tolist()
+               for i in range(96)]
+    sp = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, detokenize=False)
+    model = random_llama_dir()
+    results = {}
+    for name, kw in {"plain": dict(cascade_attention=False), "cascade": {},
+                     "cascade_spec": dict(speculative_method="ngram", adaptive_speculation=False,
+                                          prompt_lookup_min=1)}.items():
+        eng = LLMEngine(model, tokenizer=None, device="cuda", dtype="float32", gpu_memory_utilization=0.4,
+                        max_model_len=1024, **kw)
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, sp)
+        outs = {}
+        while eng.has_unfinished():
+            outs.update({o.request_id: o.token_ids for o in eng.step()})
+        results[name] = ([outs[str(i)] for i in range(len(prompts))], eng.runner.cascade_steps,
+                         len(eng.runner.cascade_graphs))
+        del eng
+        torch.cuda.empty_cache()
+    assert results["plain"][1] == 0
+    assert results["cascade"][1] > 0 and results["cascade"][2] > 0
+    assert results["cascade"][0] == results["plain"][0]
+    assert results["cascade_spec"][0] == results["plain"][0]

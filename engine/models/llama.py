@@ -36,6 +36,17 @@ class ModelArch:
 
 
 @dataclass
+class CascadeMetadata:
+    """Decode rows grouped by shared prefix blocks (see engine/cascade_plan.py)."""
+    prefix_block_tables: torch.Tensor  # [G, max_blocks] int32
+    prefix_lens: torch.Tensor  # [G] int32
+    group_cu: torch.Tensor  # [G+1] int32
+    order: torch.Tensor  # [B] int32
+    suffix_block_tables: torch.Tensor  # [B, max_blocks] int32
+    suffix_lens: torch.Tensor  # [B] int32
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64, -1 = do not write
     block_tables: torch.Tensor  # [B, max_blocks] int32
@@ -44,6 +55,7 @@ class AttentionMetadata:
     is_decode: bool  # every sequence has exactly one new token
     max_q_len: int = 1
     max_context_len: int = 0  # host-side bound, for kernel grid sizing
+    cascade: CascadeMetadata | None = None  # decode only: read shared prefixes once per group
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +100,11 @@ class Attention(nn.Module):
             k = self.k_norm(k)
         q, k = ops.apply_rotary(q, k, positions, cos_sin)
         ops.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        if meta.is_decode:
+        if meta.is_decode and meta.cascade is not None:
+            c = meta.cascade
+            o = ops.cascade_decode_attention(q, self.k_cache, self.v_cache, c.prefix_block_tables, c.prefix_lens,
+                                             c.group_cu, c.order, c.suffix_block_tables, c.suffix_lens, self.scale)
+        elif meta.is_decode:
             o = ops.paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables,
                                            meta.context_lens, self.scale)
         else:

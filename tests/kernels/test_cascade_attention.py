@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.cascade_attention import (cascade_decode_attention_lse, cascade_decode_attention_lse_ref,
-                                       concat_block_tables)
+                                       concat_block_tables, group_layout, seq_groups)
 from kernels.decode_attention import paged_decode_attention_lse, paged_decode_attention_lse_ref
 
 BS = 16
@@ -41,8 +41,10 @@ def test_concat_tables():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (6, 2), (8, 2)])
 def test_cascade_matches_plain_decode(dtype, hq, hkv):
-    args = _setup(hq, hkv, dtype, seed=hq)
-    q, k, v, pbt, plens, sg, sbt, slens = args
+    q, k, v, pbt, plens, sg, sbt, slens = _setup(hq, hkv, dtype, seed=hq)
+    gcu, order = group_layout(sg, pbt.shape[0])
+    assert seq_groups(gcu, order).tolist() == sg.tolist()
+    args = (q, k, v, pbt, plens, gcu, order, sbt, slens)
     out, lse = cascade_decode_attention_lse(*args, 0.125, block_m=16)
     ref, ref_lse = cascade_decode_attention_lse_ref(*args, 0.125)
     tables, lens = concat_block_tables(pbt, plens, sg, sbt, slens, BS)
