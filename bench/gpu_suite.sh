@@ -6,6 +6,7 @@
 #   q: Qwen3-0.6B-shape throughput with caching overhead, prefix bench    l: Llama-3.1-8B throughput
 #   p: prefix bench, both shapes    park: GGUF first half to /tmp    c: spec + SmolLM2 bf16 check
 #   t: SmolLM2 throughput    s: SmolLM2 check, spec profile, SmolLM2-shape prefix bench
+#   x: cascade attention GPU check, kernel timings, Qwen3-shape prefix bench
 # Phases that need SmolLM2 (b, c, s, t) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -74,6 +75,17 @@ t)  # SmolLM2 throughput
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
     --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
+  ;;
+x)  # cascade: GPU check, kernel timings, prefix bench on the Qwen3-0.6B shape (parks the GGUF half)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "cascade GPU check"
+  timeout ${CHECK_TIMEOUT:-240} python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k cascade > "$OUT/cascade-check.log" 2>&1
+  tail -c 1500 "$OUT/cascade-check.log"
+  log "kernels"; timeout 180 python bench/kernels.py > "$OUT/kernels.log" 2>&1; tail -22 "$OUT/kernels.log"
+  log "prefix qwen3-0.6b"
+  timeout ${PREFIX_TIMEOUT:-360} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100 \
+    > "$OUT/prefix-qwen3.log" 2>&1
+  tail -30 "$OUT/prefix-qwen3.log"
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

@@ -92,6 +92,8 @@ def main():
     fig = {}
     bench_decode(fig)
     bench_cascade(fig)
+    bench_cascade(fig, B=256, prefix=1024, suffix=192)  # prefix bench workload (a) in its decode phase
+    bench_cascade(fig, B=64, prefix=1536, suffix=96)  # one few-shot template's questions, workload (b)
     for key in list(fig):
         if key.endswith("GBps"):
             fig[key.replace("GBps", "pct_of_copy")] = 100 * fig[key] / baseline["d2d_copy_GBps"]

@@ -94,7 +94,8 @@ def cascade_decode_attention_lse(q, k_cache, v_cache, prefix_block_tables, prefi
     block_m = max(block_m, triton.next_power_of_2(group))
     block_q = block_m // group
     n_tiles = B // block_q + G  # enough for every group's tiles, whatever the sizes
-    sp = choose_num_splits(n_tiles, Hkv, prefix_block_tables.shape[1] * page, q.device)
+    # Split the prefix by the tiles that do work (empty groups' tiles exit at once).
+    sp = choose_num_splits(B // block_q + 1, Hkv, prefix_block_tables.shape[1] * page, q.device)
     ss = choose_num_splits(B, Hkv, suffix_block_tables.shape[1] * page, q.device)
     mid_o = torch.empty(B, Hq, sp + ss, D, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(B, Hq, sp + ss, dtype=torch.float32, device=q.device)
