@@ -87,6 +87,11 @@ x)  # cascade: GPU check, kernel timings, prefix bench on the Qwen3-0.6B shape (
     > "$OUT/prefix-qwen3.log" 2>&1
   tail -30 "$OUT/prefix-qwen3.log"
   ;;
+y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  timeout 300 python -m bench.profile_decode --dummy-weights qwen3-0.6b --batch 256 --prefix 1024 > "$OUT/profile-decode.log" 2>&1
+  cat "$OUT/profile-decode.log" | grep -v Warning | head -150
+  ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
   ;;
