@@ -8,6 +8,9 @@ the last accepted token, so those slots are overwritten by the next tokens.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 import torch
 
 from engine.request import Request
@@ -30,15 +33,19 @@ def make_proposer(engine):
 
 class SpecGovernor:
     """Speculate only where it measurably pays: per batch-size bucket, compare tokens per
-    second of speculating steps and plain steps, and re-check the loser now and then. Each
-    re-check that confirms the loser doubles the wait before the next one, so a mode that
-    keeps losing costs almost nothing in the long run."""
+    second of speculating-mode steps and plain steps, and re-check the loser now and then.
+    Each re-check that confirms the loser doubles the wait before the next one, so a mode
+    that keeps losing costs almost nothing in the long run.
+
+    A mode's rate is the median of its last `window` steps, and each mode gets `warm` steps
+    before the first comparison: single steps are noisy (the first suffix-tree build, a
+    step that waited on a long prefill), and one outlier must not lock a mode out."""
 
     def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
-                 decay: float = 0.9) -> None:
-        self.rate: dict[tuple[int, bool], float] = {}
-        self.explore_every, self.explore_steps, self.max_every, self.decay = \
-            explore_every, explore_steps, max_every, decay
+                 window: int = 8, warm: int = 3) -> None:
+        self.samples: dict[tuple[int, bool], deque[float]] = {}
+        self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
+        self.window, self.warm = window, warm
         self.steps: dict[int, int] = {}
         self.every: dict[int, int] = {}
         self.best: dict[int, bool] = {}
@@ -47,12 +54,17 @@ class SpecGovernor:
     def bucket(batch: int) -> int:
         return max(1, batch).bit_length()
 
+    def rate(self, batch: int, speculating: bool) -> float | None:
+        s = self.samples.get((self.bucket(batch), speculating))
+        return statistics.median(s) if s else None
+
     def speculate(self, batch: int) -> bool:
         b = self.bucket(batch)
-        spec, plain = self.rate.get((b, True)), self.rate.get((b, False))
-        if spec is None or plain is None:  # measure both first
-            return spec is None
-        best = spec >= plain
+        n_spec = len(self.samples.get((b, True), ()))
+        n_plain = len(self.samples.get((b, False), ()))
+        if min(n_spec, n_plain) < self.warm:  # measure both first, speculation first
+            return n_spec <= n_plain
+        best = self.rate(batch, True) >= self.rate(batch, False)
         every = self.every.get(b, self.explore_every)
         if self.best.get(b) is not None and self.best[b] != best:
             every = self.explore_every  # the winner changed: watch closely again
@@ -67,9 +79,7 @@ class SpecGovernor:
         if seconds <= 0 or tokens <= 0:
             return
         key = (self.bucket(batch), speculated)
-        r = tokens / seconds
-        old = self.rate.get(key)
-        self.rate[key] = r if old is None else self.decay * old + (1 - self.decay) * r
+        self.samples.setdefault(key, deque(maxlen=self.window)).append(tokens / seconds)
 
 
 class SpecDecoder:
