@@ -91,6 +91,9 @@ def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None =
     fig = {"tok_s": c["generated_tokens"] / elapsed, "elapsed_s": elapsed,
            "acceptance": c["spec_accepted"] / c["spec_proposed"] if c["spec_proposed"] else 0.0,
            "proposed": c["spec_proposed"],
+           # how the governor and the lookahead spent the steps
+           "steps": c["steps"], "spec_mode_steps": c["spec_mode_steps"], "wait_steps": c["spec_wait_steps"],
+           "verifications": c["spec_verifications"],
            "mean_accepted_length": c["spec_accepted"] / c["spec_verifications"] if c["spec_verifications"] else 0.0}
     return fig, [outs[f"{_run_id}-{i}"] for i in range(len(prompts))]
 
@@ -147,7 +150,8 @@ def main(argv=None) -> dict:
                 same = sum(o == r for o, r in zip(outs, ref))
                 if same != len(ref):
                     mismatches.append(f"{name} b={b} {method}: {len(ref) - same} of {len(ref)} differ")
-                for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length"):
+                for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length", "steps", "spec_mode_steps",
+                          "wait_steps"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
                 rows.append((f"{name} b={b} {method}", fig))
     del engines
@@ -175,7 +179,7 @@ def main(argv=None) -> dict:
         "batch_sizes": batch_sizes, "draft_pair": "random weights, same shapes: shows overhead only",
         "mismatches": mismatches}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
-                ["tok_s", "speedup", "acceptance", "elapsed_s"])
+                ["tok_s", "speedup", "acceptance", "elapsed_s", "steps", "spec_mode_steps", "wait_steps"])
     print(f"wrote {out}")
     if mismatches:
         raise SystemExit("greedy outputs differ across modes: " + "; ".join(mismatches))

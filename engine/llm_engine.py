@@ -95,6 +95,7 @@ class LLMEngine:
         self._inflight: _Inflight | None = None  # launched, not yet finished on the host
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                          "spec_proposed": 0, "spec_accepted": 0, "spec_verifications": 0, "steps": 0,
+                         "spec_mode_steps": 0, "spec_wait_steps": 0,
                          "finished": 0}
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
@@ -156,9 +157,11 @@ class LLMEngine:
             # k per request comes from acceptance estimates alone; only when someone will draft
             # does the host wait for the tokens in flight (drafts continue known tokens), so a
             # step where nobody drafts keeps its overlap.
+            self.counters["spec_mode_steps"] += 1
             plan = self.spec.plan(self.scheduler.running)
             if plan:
                 if self._inflight is not None:
+                    self.counters["spec_wait_steps"] += 1
                     outputs.extend(self._finish(self._inflight))
                     self._inflight = None
                 drafted = self.spec.propose(plan)

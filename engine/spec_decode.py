@@ -88,6 +88,8 @@ class SpecDecoder:
         self.k = engine.config.num_speculative_tokens
         self.adaptive = engine.config.adaptive_speculation
         self.proposer = make_proposer(engine)
+        # Host-side lookups (not a draft model): cheap enough to ask twice per step.
+        self.cheap_proposer = engine.config.speculative_method in ("ngram", "suffix")
         self.controller = SpecController(max_k=self.k)
         self.governor = SpecGovernor() if self.adaptive else None
 
@@ -108,7 +110,21 @@ class SpecDecoder:
         caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1,
                            self.engine.max_model_len - r.num_tokens - 1)) for r in reqs]
         ks = self.controller.choose_k([r.request_id for r in reqs], caps) if self.adaptive else caps
-        return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        plan = [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        if plan and self.adaptive and self.cheap_proposer and any(r.num_pending for r, _ in plan) \
+                and not self._lookahead(plan):
+            return []  # nothing to copy even from the known history: keep the step overlapped
+        return plan
+
+    def _lookahead(self, plan: list[tuple[Request, int]]) -> bool:
+        """Would the proposer find a draft from the tokens already on the host? Drafting waits
+        for the tokens in flight, which costs the step its overlap; when the history up to them
+        matches nothing (open chat, novel text between copied spans), the newest token rarely
+        changes that, so the step runs plain and overlapped instead."""
+        hists = [r.all_token_ids[:len(r.all_token_ids) - r.num_pending] for r, _ in plan]
+        found = self.proposer.propose([r.request_id for r, _ in plan], hists, [1] * len(plan),
+                                      [getattr(r, "job_id", None) for r, _ in plan])
+        return any(found)
 
     def propose(self, plan: list[tuple[Request, int]]) -> bool:
         """Set spec_token_ids for the planned requests still running; True if any got drafts."""
