@@ -42,10 +42,10 @@ class SpecGovernor:
     step that waited on a long prefill), and one outlier must not lock a mode out."""
 
     def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
-                 window: int = 8, warm: int = 3) -> None:
+                 window: int = 8, warm: int = 3, tie_margin: float = 0.05) -> None:
         self.samples: dict[tuple[int, bool], deque[float]] = {}
         self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
-        self.window, self.warm = window, warm
+        self.window, self.warm, self.tie_margin = window, warm, tie_margin
         self.steps: dict[int, int] = {}
         self.every: dict[int, int] = {}
         self.best: dict[int, bool] = {}
@@ -64,7 +64,10 @@ class SpecGovernor:
         n_plain = len(self.samples.get((b, False), ()))
         if min(n_spec, n_plain) < self.warm:  # measure both first, speculation first
             return n_spec <= n_plain
-        best = self.rate(batch, True) >= self.rate(batch, False)
+        # Speculation wins ties: a speculating-mode step with nothing to copy stays overlapped
+        # and costs what a plain one does, while a plain step in the middle of a copied span
+        # throws away several tokens.
+        best = self.rate(batch, True) * (1 + self.tie_margin) >= self.rate(batch, False)
         every = self.every.get(b, self.explore_every)
         if self.best.get(b) is not None and self.best[b] != best:
             every = self.explore_every  # the winner changed: watch closely again
