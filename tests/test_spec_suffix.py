@@ -1,7 +1,6 @@
 """Suffix proposer index: the bulk build path matches the token-by-token one."""
 
 
-
 def test_bulk_indexing_builds_the_same_tables_as_token_by_token():
     import random
 
