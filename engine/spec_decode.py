@@ -8,7 +8,6 @@ the last accepted token, so those slots are overwritten by the next tokens.
 """
 from __future__ import annotations
 
-import statistics
 from collections import deque
 
 import torch
@@ -37,13 +36,15 @@ class SpecGovernor:
     Each re-check that confirms the loser doubles the wait before the next one, so a mode
     that keeps losing costs almost nothing in the long run.
 
-    A mode's rate is the median of its last `window` steps, and each mode gets `warm` steps
-    before the first comparison: single steps are noisy (the first suffix-tree build, a
-    step that waited on a long prefill), and one outlier must not lock a mode out."""
+    A mode's rate is tokens over seconds of its last `window` steps, without the slowest one,
+    and each mode gets `warm` steps before the first comparison. Tokens over seconds (not a
+    median of per-step rates) charges the occasional costly step (a wait for tokens in
+    flight, an index build) to the mode that caused it; dropping the slowest step keeps one
+    outlier (the first index build, a step behind a long prefill) from locking a mode out."""
 
     def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
-                 window: int = 8, warm: int = 3, tie_margin: float = 0.05) -> None:
-        self.samples: dict[tuple[int, bool], deque[float]] = {}
+                 window: int = 16, warm: int = 3, tie_margin: float = 0.05) -> None:
+        self.samples: dict[tuple[int, bool], deque[tuple[int, float]]] = {}
         self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
         self.window, self.warm, self.tie_margin = window, warm, tie_margin
         self.steps: dict[int, int] = {}
@@ -56,7 +57,14 @@ class SpecGovernor:
 
     def rate(self, batch: int, speculating: bool) -> float | None:
         s = self.samples.get((self.bucket(batch), speculating))
-        return statistics.median(s) if s else None
+        if not s:
+            return None
+        tokens = sum(t for t, _ in s)
+        seconds = sum(sec for _, sec in s)
+        if len(s) >= 3:
+            t_max, sec_max = max(s, key=lambda x: x[1])
+            tokens, seconds = tokens - t_max, seconds - sec_max
+        return tokens / seconds
 
     def speculate(self, batch: int) -> bool:
         b = self.bucket(batch)
@@ -82,7 +90,7 @@ class SpecGovernor:
         if seconds <= 0 or tokens <= 0:
             return
         key = (self.bucket(batch), speculated)
-        self.samples.setdefault(key, deque(maxlen=self.window)).append(tokens / seconds)
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((tokens, seconds))
 
 
 class SpecDecoder:

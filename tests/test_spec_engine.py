@@ -184,3 +184,16 @@ def test_steps_with_nothing_to_copy_stay_overlapped(method):
     plain2 = run_engine(tiny_engine("llama", async_scheduling=True), copy, sp)
     assert [o.token_ids for o in run_engine(eng2, copy, sp)] == [o.token_ids for o in plain2]
     assert eng2.stats()["spec_accepted"] > 0
+
+
+def test_governor_charges_occasional_costly_steps_to_their_mode():
+    """Most speculating-mode steps may cost what plain ones do while every fourth waits for
+    tokens in flight and verifies drafts that fail: the mode is slower overall, and a
+    median of per-step rates would call it a tie."""
+    from engine.spec_decode import SpecGovernor
+    g = SpecGovernor(warm=3, tie_margin=0.05)
+    for i in range(16):
+        g.observe(32, True, 32, 0.004 if i % 4 == 3 else 0.001)
+        g.observe(32, False, 32, 0.001)
+    assert g.rate(32, True) < 0.9 * g.rate(32, False)
+    assert [g.speculate(32) for _ in range(30)].count(True) <= 4
