@@ -92,6 +92,16 @@ y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half
   timeout 300 python -m bench.profile_decode --dummy-weights qwen3-0.6b --batch 256 --prefix 1024 > "$OUT/profile-decode.log" 2>&1
   cat "$OUT/profile-decode.log" | grep -v Warning | head -150
   ;;
+z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "spec"; timeout ${SPEC_TIMEOUT:-200} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+    --workloads extract,json,chat --draft-pair "" > "$OUT/spec.log" 2>&1
+  grep -A40 "greedy, k=" "$OUT/spec.log"
+  log "prefix smollm2-135m"
+  timeout ${PREFIX_TIMEOUT:-160} python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100 \
+    > "$OUT/prefix-smollm2.log" 2>&1
+  grep -B2 -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log" | tail -24
+  ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
   ;;
