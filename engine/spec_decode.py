@@ -33,65 +33,64 @@ def make_proposer(engine):
 class SpecGovernor:
     """Speculate only where it measurably pays: per batch-size bucket, compare tokens per
     second of speculating-mode steps and plain steps, and re-check the loser now and then.
+    Each re-check that confirms the loser doubles the wait before the next one, so a mode
+    that keeps losing costs almost nothing in the long run.
 
-    A mode's rate is tokens over seconds of its recent steps (the last `horizon` steps of
-    the bucket, at most `window` of them), without the slowest one. Tokens over seconds (not
-    a median of per-step rates) charges the occasional costly step (a wait for tokens in
+    A mode's rate is tokens over seconds of its last `window` steps, without the slowest one,
+    and each mode gets `warm` steps before the first comparison. Tokens over seconds (not a
+    median of per-step rates) charges the occasional costly step (a wait for tokens in
     flight, an index build) to the mode that caused it; dropping the slowest step keeps one
-    outlier from locking a mode out; the horizon keeps the comparison to steps of the same
-    stretch of work, since a worker moves from copy-heavy jobs to chat and back. A mode with
-    fewer than `warm` recent steps is measured again, and the loser is re-checked for
-    `explore_steps` steps every `explore_every`."""
+    outlier (the first index build, a step behind a long prefill) from locking a mode out."""
 
-    def __init__(self, explore_every: int = 32, explore_steps: int = 2, window: int = 16, warm: int = 3,
-                 horizon: int = 64, tie_margin: float = 0.05) -> None:
-        self.samples: dict[tuple[int, bool], deque[tuple[int, float, int]]] = {}
-        self.explore_every, self.explore_steps = explore_every, explore_steps
-        self.window, self.warm, self.horizon, self.tie_margin = window, warm, horizon, tie_margin
-        self.clock: dict[int, int] = {}  # speculate() calls per bucket
-        self.since: dict[int, int] = {}  # steps since the last re-check of the loser
+    def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
+                 window: int = 16, warm: int = 3, tie_margin: float = 0.05) -> None:
+        self.samples: dict[tuple[int, bool], deque[tuple[int, float]]] = {}
+        self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
+        self.window, self.warm, self.tie_margin = window, warm, tie_margin
+        self.steps: dict[int, int] = {}
+        self.every: dict[int, int] = {}
+        self.best: dict[int, bool] = {}
 
     @staticmethod
     def bucket(batch: int) -> int:
         return max(1, batch).bit_length()
 
-    def _recent(self, b: int, speculating: bool) -> list[tuple[int, float, int]]:
-        now = self.clock.get(b, 0)
-        return [x for x in self.samples.get((b, speculating), ()) if x[2] > now - self.horizon]
-
     def rate(self, batch: int, speculating: bool) -> float | None:
-        s = self._recent(self.bucket(batch), speculating)
+        s = self.samples.get((self.bucket(batch), speculating))
         if not s:
             return None
-        tokens = sum(x[0] for x in s)
-        seconds = sum(x[1] for x in s)
+        tokens = sum(t for t, _ in s)
+        seconds = sum(sec for _, sec in s)
         if len(s) >= 3:
-            slowest = max(s, key=lambda x: x[1])
-            tokens, seconds = tokens - slowest[0], seconds - slowest[1]
+            t_max, sec_max = max(s, key=lambda x: x[1])
+            tokens, seconds = tokens - t_max, seconds - sec_max
         return tokens / seconds
 
     def speculate(self, batch: int) -> bool:
         b = self.bucket(batch)
-        self.clock[b] = self.clock.get(b, 0) + 1
-        n_spec, n_plain = len(self._recent(b, True)), len(self._recent(b, False))
+        n_spec = len(self.samples.get((b, True), ()))
+        n_plain = len(self.samples.get((b, False), ()))
         if min(n_spec, n_plain) < self.warm:  # measure both first, speculation first
             return n_spec <= n_plain
         # Speculation wins ties: a speculating-mode step with nothing to copy stays overlapped
         # and costs what a plain one does, while a plain step in the middle of a copied span
         # throws away several tokens.
         best = self.rate(batch, True) * (1 + self.tie_margin) >= self.rate(batch, False)
-        n = self.since.get(b, 0) + 1
-        if n >= self.explore_every + self.explore_steps:
-            n = 0
-        self.since[b] = n
-        return best != (n >= self.explore_every)
+        every = self.every.get(b, self.explore_every)
+        if self.best.get(b) is not None and self.best[b] != best:
+            every = self.explore_every  # the winner changed: watch closely again
+        self.best[b] = best
+        n = self.steps.get(b, 0) + 1
+        if n >= every + self.explore_steps:  # a re-check just ended and confirmed the winner
+            n, every = 0, min(2 * every, self.max_every)
+        self.steps[b], self.every[b] = n, every
+        return best != (n >= every)
 
     def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:
         if seconds <= 0 or tokens <= 0:
             return
-        b = self.bucket(batch)
-        self.samples.setdefault((b, speculated), deque(maxlen=self.window)).append(
-            (tokens, seconds, self.clock.get(b, 0)))
+        key = (self.bucket(batch), speculated)
+        self.samples.setdefault(key, deque(maxlen=self.window)).append((tokens, seconds))
 
 
 class SpecDecoder:
