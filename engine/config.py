@@ -23,7 +23,8 @@ class EngineConfig:
     # Prepare step n+1 while step n runs: "auto" on the GPU; True also on the CPU (tests).
     async_scheduling: bool | str = "auto"
     # Shared-prefix (cascade) decode attention when many running rows share prefix blocks:
-    # "auto" on the GPU; True also on the CPU (tests); False never.
+    # "auto" on the GPU for models with KV rows >= 512 wide (kv heads x head dim; see
+    # engine/model_runner.py), True always (also on the CPU: tests), False never.
     cascade_attention: bool | str = "auto"
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes

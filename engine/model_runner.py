@@ -26,6 +26,10 @@ MAX_ROWS_AS_DECODE = 8
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
 # below it attention is a small part of the step and the plan's host time would not pay.
 CASCADE_MIN_ROWS = 32
+# ... and only for models whose KV rows are wide enough for the reads saved to beat the two
+# extra kernels per layer. Measured on the H100 (bench/results/prefix-*-h100.json): Qwen3-0.6B
+# (8 KV heads x 128) gains 1.12-1.44x end to end, SmolLM2 (3 x 64) loses 0.71-0.89x.
+CASCADE_MIN_KV_WIDTH = 512
 
 
 def pick_device(name: str) -> torch.device:
@@ -81,7 +85,8 @@ class ModelRunner:
         self.cascade_min_rows = None  # None: cascade attention off
         if c is True:
             self.cascade_min_rows = 2
-        elif c == "auto" and self.device.type == "cuda":
+        elif c == "auto" and self.device.type == "cuda" \
+                and self.arch.num_kv_heads * self.arch.head_dim >= CASCADE_MIN_KV_WIDTH:
             self.cascade_min_rows = CASCADE_MIN_ROWS
         self.cascade_steps = 0  # decode steps that ran cascade attention
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}

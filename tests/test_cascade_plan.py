@@ -133,3 +133,9 @@ def test_engine_output_unchanged_by_cascade_attention(spec):
     casc = run_engine(eng, prompts, sp)
     assert [o.token_ids for o in casc] == [o.token_ids for o in plain]
     assert eng.runner.cascade_steps > 0
+
+
+def test_auto_cascade_is_off_on_the_cpu_and_forced_on_by_true():
+    eng = tiny_engine("llama")
+    assert eng.runner.cascade_min_rows is None
+    assert tiny_engine("llama", cascade_attention=True).runner.cascade_min_rows == 2
