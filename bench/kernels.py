@@ -5,7 +5,6 @@ python bench/kernels.py   -> table on stdout, JSON to $OUT/kernels.json or bench
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -97,10 +96,8 @@ def main():
     for key in list(fig):
         if key.endswith("GBps"):
             fig[key.replace("GBps", "pct_of_copy")] = 100 * fig[key] / baseline["d2d_copy_GBps"]
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        commit = os.environ.get("GIT_COMMIT", "unknown")
+    from bench.common import git_commit
+    commit = git_commit()  # PREFIXQ_COMMIT first: the device's copy may carry a stale .git
     res = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "commit": commit, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
            "figures": fig, "baseline": baseline}
