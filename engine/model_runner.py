@@ -263,15 +263,7 @@ class ModelRunner:
         for B in reversed(sizes):
             meta = AttentionMetadata(g["slot_mapping"][:B], g["block_tables"][:B], g["context_lens"][:B],
                                      g["cu_seqlens_q"][:B + 1], True, 1, self.max_model_len)
-            # Warm up (Triton compiles) outside the capture.
-            with torch.inference_mode():
-                self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                out = self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
-            pool = graph.pool()
-            self.graphs[B] = graph
-            g[f"logits_{B}"] = out
+            self.graphs[B], g[f"logits_{B}"], pool = self._capture(B, meta, pool)
         if self.cascade_min_rows is not None:
             self._capture_cascade_graphs([s for s in sizes if s >= self.cascade_min_rows], pool)
         torch.cuda.synchronize()
@@ -299,14 +291,18 @@ class ModelRunner:
                                  g["c_suffix_tables"][:B], g["c_suffix_lens"][:B])
             meta = AttentionMetadata(g["slot_mapping"][:B], g["block_tables"][:B], g["context_lens"][:B],
                                      g["cu_seqlens_q"][:B + 1], True, 1, self.max_model_len, cascade=cm)
-            with torch.inference_mode():
-                self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                out = self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
-            pool = graph.pool()
-            self.cascade_graphs[B] = graph
-            g[f"clogits_{B}"] = out
+            self.cascade_graphs[B], g[f"clogits_{B}"], pool = self._capture(B, meta, pool)
+
+    def _capture(self, B: int, meta: AttentionMetadata, pool):
+        """(graph, its logits buffer, the memory pool to share) for a decode step of B rows."""
+        g = self.graph_bufs
+        # Warm up (Triton compiles) outside the capture.
+        with torch.inference_mode():
+            self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            out = self.model.compute_logits(self.model(g["input_ids"][:B], g["positions"][:B], meta))
+        return graph, out, graph.pool()
 
     def _replay(self, inp: StepInputs) -> torch.Tensor:
         B = inp.meta.block_tables.shape[0]

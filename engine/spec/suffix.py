@@ -102,6 +102,8 @@ class SuffixIndex:
             grams = zip(*(t[i0 - n + 1 + j:i1 - n + 1 + j] for j in range(n)))
             table = self.tables[n]
             get = table.get
+            # The insert below repeats append's on purpose: a helper call per n-gram would
+            # cost this loop a third of its speed.
             for g, e in zip(grams, range(i0 + b, i1 + b)):
                 occ = get(g)
                 if occ is None:
