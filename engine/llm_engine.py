@@ -298,7 +298,7 @@ class LLMEngine:
                  prefix_hit_tokens=ps.hit_tokens, kv_usage=self.block_manager.usage,
                  num_kv_blocks=self.block_manager.num_blocks,
                  preemptions=self.scheduler.num_preemptions,
-                 model_load_seconds=self.runner.model_load_seconds)
+                 model_load_seconds=self.runner.model_load_seconds, cascade_steps=self.runner.cascade_steps)
         s["prefix_cache_hit_rate"] = s["cached_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0
         s["spec_acceptance_rate"] = s["spec_accepted"] / s["spec_proposed"] if s["spec_proposed"] else 0.0
         # Drafts accepted per verification (a verified request emits this plus one token).

@@ -44,6 +44,7 @@ ALLOWED_METRICS = {
     "prefixq_rows_completed_total", "prefixq_rows_failed_total",
     "prefixq_prompt_tokens_total", "prefixq_cached_prompt_tokens_total", "prefixq_output_tokens_total",
     "prefixq_kv_cache_usage_ratio", "prefixq_prefix_cache_hit_rate", "prefixq_spec_acceptance_rate",
+    "prefixq_spec_mean_accepted_length", "prefixq_cascade_decode_steps",
     "prefixq_model_load_seconds", "prefixq_gpu_memory_bytes",
 }
 HISTOGRAMS = {"prefixq_ttft_seconds", "prefixq_time_per_output_token_seconds", "prefixq_row_latency_seconds"}

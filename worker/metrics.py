@@ -54,6 +54,11 @@ class Metrics:
         self.kv_cache_usage = Gauge("prefixq_kv_cache_usage_ratio", "KV cache blocks in use (0..1)", registry=R)
         self.prefix_hit_rate = Gauge("prefixq_prefix_cache_hit_rate", "Cached prompt tokens / prompt tokens, current job", registry=R)
         self.spec_acceptance = Gauge("prefixq_spec_acceptance_rate", "Accepted / proposed speculative tokens", registry=R)
+        self.spec_accepted_length = Gauge("prefixq_spec_mean_accepted_length",
+                                          "Draft tokens accepted per verification, current job", registry=R)
+        self.cascade_steps = Gauge("prefixq_cascade_decode_steps",
+                                   "Decode steps that read shared prefixes once per group (cascade attention), "
+                                   "since the engine started", registry=R)
         self.model_load_seconds = Gauge("prefixq_model_load_seconds", "Seconds the model took to load", registry=R)
         self.gpu_memory = Gauge("prefixq_gpu_memory_bytes", "GPU memory allocated by this worker", registry=R)
         self.gpu_memory.set_function(_gpu_memory)
@@ -85,6 +90,12 @@ class Metrics:
         sp = stats.get("spec_proposed", 0)
         if sp:
             self.spec_acceptance.set(stats.get("spec_accepted", 0) / sp)
+        verifications = stats.get("spec_verifications", 0) - base.get("spec_verifications", 0)
+        if verifications > 0:
+            accepted = stats.get("spec_accepted", 0) - base.get("spec_accepted", 0)
+            self.spec_accepted_length.set(accepted / verifications)
+        if "cascade_steps" in stats:
+            self.cascade_steps.set(float(stats["cascade_steps"]))
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         if not port:
