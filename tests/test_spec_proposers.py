@@ -183,7 +183,8 @@ def test_controller_off_at_large_batch_low_acceptance():
 
 
 def test_controller_mixed_batch_prefers_confident_requests():
-    c = SpecController(max_k=4, step_cost=StepCostModel(knee_tokens=64))
+    # (Allocation only: with the sync charge, 8 drafting rows of 48 do not pay for stalling all.)
+    c = SpecController(max_k=4, step_cost=StepCostModel(knee_tokens=64), sync_factor=0.0)
     rids = [f"r{i}" for i in range(48)]
     for i, r in enumerate(rids):
         _train(c, r, 0.95 if i < 8 else 0.1)
@@ -203,3 +204,32 @@ def test_controller_measured_table_and_stats():
     assert s.mean_accepted_length == (s.accepted + s.steps) / s.steps
     c1.record("b", 0, 0)
     assert c1.stats.steps == 30  # k = 0 steps carry no evidence
+
+
+def test_controller_charges_the_lost_overlap_of_a_drafting_step():
+    """Drafting makes a step synchronous. At batch 32 (flat cost) low acceptance no longer pays
+    for that; high acceptance still does, and so does batch 1 when copying."""
+    c = SpecController(max_k=4)
+    low = [f"l{i}" for i in range(32)]
+    high = [f"h{i}" for i in range(32)]
+    for r in low:
+        _train(c, r, 0.2)
+    for r in high:
+        _train(c, r, 0.9)
+    assert c.choose_k(low) == [0] * 32
+    assert all(k > 0 for k in c.choose_k(high))
+    assert c.choose_k(["h0"]) == [4]
+    free = SpecController(max_k=4, sync_factor=0.0)
+    for r in low:
+        _train(free, r, 0.2)
+    assert sum(free.choose_k(low)) > 0  # what the controller did before the term
+
+
+def test_controller_probes_a_request_again_after_it_was_switched_off():
+    c = SpecController(max_k=4)
+    rids = [f"r{i}" for i in range(32)]
+    for r in rids:
+        _train(c, r, 0.1)
+    ks = [c.choose_k(rids) for _ in range(200)]
+    first = next(i for i, k in enumerate(ks) if sum(k) > 0)
+    assert ks[0] == [0] * 32 and 5 < first < 200

@@ -9,7 +9,8 @@ linearly), which is why speculation pays at batch 1 and loses at batch 256.
 
 Marginal gain of request i's j-th draft is a_i^j (decreasing in j), so for any total token
 budget the best allocation takes the largest marginal gains across the batch; we scan budgets
-and keep the one with the highest tokens per unit cost. k = 0 for everyone when nothing beats
+and keep the one with the highest tokens per unit cost. A step with any drafts also pays
+`sync_factor` x a plain step for running synchronously. k = 0 for everyone when nothing beats
 plain decoding.
 """
 from __future__ import annotations
@@ -95,6 +96,12 @@ class SpecController:
     prior: float = 0.5            # acceptance assumed before evidence
     prior_weight: float = 2.0     # in trials
     min_gain: float = 1.02        # speculate only if >= 2% more tokens per unit cost
+    # A step with drafts runs synchronously (the host needs the accepted tokens before it can
+    # schedule the next step), so it loses the overlap of host work with the GPU: about half a
+    # plain step on the GPU. Without this term, a flat cost at small batches makes any
+    # acceptance above ~0.2% look worth drafting for.
+    sync_factor: float = 0.5
+    idle_decay: float = 0.95      # per step at k = 0: evidence fades toward the prior
     stats: SpecStats = field(default_factory=SpecStats)
     job_stats: dict[str, SpecStats] = field(default_factory=dict)
     _acc: dict[str, _Acc] = field(default_factory=dict)
@@ -119,18 +126,29 @@ class SpecController:
                 gains.append((g, i))
         gains.sort(key=lambda t: -t[0])
         base = B / self.step_cost(B)
+        sync = self.sync_factor * self.step_cost(B)
         best_m, best_rate, tokens = 0, base, float(B)
         for m, (g, _) in enumerate(gains, start=1):
             tokens += g
-            rate = tokens / self.step_cost(B + m)
+            rate = tokens / (self.step_cost(B + m) + sync)
             if rate > best_rate:
                 best_m, best_rate = m, rate
         k = [0] * B
-        if best_rate < base * self.min_gain:
-            return k
-        for g, i in gains[:best_m]:
-            k[i] += 1
+        if best_rate >= base * self.min_gain:
+            for g, i in gains[:best_m]:
+                k[i] += 1
+        self._forget_idle(request_ids, k)
         return k
+
+    def _forget_idle(self, request_ids: list[str], k: list[int]) -> None:
+        """A request left at k = 0 gathers no evidence, so its estimate would never change:
+        fade it toward the prior, and it gets probed again once its text may have turned
+        copyable (extraction often starts with free text, then copies)."""
+        for rid, ki in zip(request_ids, k):
+            s = self._acc.get(rid) if ki == 0 else None
+            if s is not None:
+                s.acc *= self.idle_decay
+                s.trials *= self.idle_decay
 
     def record(self, request_id: str, proposed: int, accepted: int, job_id: str | None = None) -> None:
         """After verification: `proposed` drafts were verified, `accepted` of them passed."""
