@@ -102,9 +102,7 @@ class BlockManager:
 
     def _block_tokens(self, req: Request, i: int) -> tuple[int, ...]:
         bs = self.block_size
-        if (i + 1) * bs <= req.num_prompt_tokens:
-            return tuple(req.prompt_token_ids[i * bs:(i + 1) * bs])
-        return tuple(req.token_at(j) for j in range(i * bs, (i + 1) * bs))
+        return tuple(req.token_slice(i * bs, (i + 1) * bs))
 
     # ---- admission -----------------------------------------------------
     def get_computed_blocks(self, req: Request) -> list[KVBlock]:

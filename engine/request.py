@@ -68,14 +68,14 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt_token_ids)
-        if i < n:
-            return self.prompt_token_ids[i]
-        i -= n
-        if i < len(self.output_token_ids):
-            return self.output_token_ids[i]
-        return self.spec_token_ids[i - len(self.output_token_ids)]
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + output + drafts, by slicing (no per-token calls)."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p and end - p <= len(self.output_token_ids):
+            return self.output_token_ids[start - p:end - p]
+        return (self.prompt_token_ids + self.output_token_ids + self.spec_token_ids)[start:end]
 
     @property
     def is_finished(self) -> bool:

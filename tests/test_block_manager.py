@@ -194,3 +194,15 @@ def test_gpu_admission_gathers_until_enough_slots_are_free():
     # One slot free, 5 waiting: admission waits (pure decode steps) up to max_admission_wait steps.
     waited = [len([r for r in s.schedule().requests if r.request_id.startswith("w")]) for _ in range(4)]
     assert waited == [0, 0, 0, 1]
+
+
+def test_token_slice_spans_prompt_output_and_drafts():
+    from engine.request import Request
+    from engine.sampling_params import SamplingParams
+    r = Request("x", [1, 2, 3, 4], SamplingParams())
+    r.output_token_ids = [5, 6, 7]
+    r.spec_token_ids = [8, 9]
+    everything = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    for start in range(len(everything)):
+        for end in range(start, len(everything) + 1):
+            assert r.token_slice(start, end) == everything[start:end], (start, end)
