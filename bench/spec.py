@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
+    ap.add_argument("--min-rounds", type=int, default=2,
+                    help="batch sizes up to 32 run at least this many rounds (one round of 32 lasts 0.3 s)")
     ap.add_argument("--min-requests", type=int, default=16,
                     help="small batch sizes run rounds of b concurrent requests until this many ran "
                          "(one 128-token request alone is too short to time)")
@@ -127,7 +129,8 @@ def main(argv=None) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     rng = random.Random(args.seed)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    wl = workloads(max(args.docs, max(batch_sizes)), rng)
+    n_requests = {b: max(b, args.min_requests, b * args.min_rounds if b <= 32 else b) for b in batch_sizes}
+    wl = workloads(max(args.docs, *n_requests.values()), rng)
     encode = lambda m: tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
                                   add_special_tokens=False)
     base_kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, seed=args.seed,
@@ -140,7 +143,7 @@ def main(argv=None) -> dict:
     figures, baseline, rows, mismatches = {}, {}, [], []
     for name in args.workloads.split(","):
         for b in batch_sizes:
-            prompts = [encode(m) for m in wl[name][:max(b, args.min_requests)]]
+            prompts = [encode(m) for m in wl[name][:n_requests[b]]]
             off, ref = run_mode(engines["off"], prompts, args.max_tokens, b)
             baseline[f"{name}_b{b}_tok_s"] = off["tok_s"]
             rows.append((f"{name} b={b} off", off))
