@@ -88,6 +88,9 @@ def _engine_config(a) -> dict:
                                        "speculative_model") if getattr(a, k, None) is not None}
     if getattr(a, "no_prefix_caching", False):
         cfg["enable_prefix_caching"] = False
+    c = getattr(a, "cascade_attention", None)
+    if c is not None:
+        cfg["cascade_attention"] = {"auto": "auto", "on": True, "off": False}[c]
     return cfg
 
 
@@ -222,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory-utilization", type=float, default=None, help="fraction of GPU memory (0.9)")
     p.add_argument("--dtype", default=None, help="auto, bfloat16, float16, float32")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
+    p.add_argument("--cascade-attention", choices=["auto", "on", "off"], default=None,
+                   help="shared-prefix decode attention (auto: on the GPU for KV rows >= 512 wide)")
     p.add_argument("--speculative-method", choices=["ngram", "suffix"], default=None)
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="k, the most drafts per step")
     p.add_argument("--speculative-model", default=None, help="a smaller model with the same tokenizer")
