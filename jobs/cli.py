@@ -85,7 +85,8 @@ def _engine_config(a) -> dict:
     """Engine knobs named as vLLM names them; only those given are passed on."""
     cfg = {k: getattr(a, k) for k in ("dtype", "max_num_batched_tokens", "gpu_memory_utilization",
                                        "max_model_len", "speculative_method", "num_speculative_tokens",
-                                       "speculative_model") if getattr(a, k, None) is not None}
+                                       "prompt_lookup_min", "prompt_lookup_max", "speculative_model")
+           if getattr(a, k, None) is not None}
     if getattr(a, "no_prefix_caching", False):
         cfg["enable_prefix_caching"] = False
     c = getattr(a, "cascade_attention", None)
@@ -229,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shared-prefix decode attention (auto: on the GPU for KV rows >= 512 wide)")
     p.add_argument("--speculative-method", choices=["ngram", "suffix"], default=None)
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="k, the most drafts per step")
+    p.add_argument("--prompt-lookup-min", type=int, default=None, help="n-gram: shortest match (2)")
+    p.add_argument("--prompt-lookup-max", type=int, default=None, help="n-gram: longest match (4)")
     p.add_argument("--speculative-model", default=None, help="a smaller model with the same tokenizer")
     p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
     p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")

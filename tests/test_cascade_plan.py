@@ -140,10 +140,3 @@ def test_auto_cascade_is_off_on_the_cpu_and_forced_on_by_true():
     assert eng.runner.cascade_min_rows is None
     assert tiny_engine("llama", cascade_attention=True).runner.cascade_min_rows == 2
 
-
-def test_worker_cli_passes_the_cascade_switch_to_the_engine():
-    from jobs.cli import _engine_config, build_parser
-    parse = build_parser().parse_args
-    assert "cascade_attention" not in _engine_config(parse(["worker"]))
-    assert _engine_config(parse(["worker", "--cascade-attention", "off"]))["cascade_attention"] is False
-    assert _engine_config(parse(["worker", "--cascade-attention", "on"]))["cascade_attention"] is True
