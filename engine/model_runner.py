@@ -213,13 +213,16 @@ class ModelRunner:
             parts += [plan.prefix_tables.ravel(), plan.prefix_lens, plan.group_cu, plan.order,
                       plan.suffix_tables.ravel(), plan.suffix_lens]
         flat = _to(np.concatenate(parts).astype(np.int64, copy=False), dev)
-        pieces = torch.split(flat, [len(p) for p in parts])
+        sizes = [len(p) for p in parts]
+        pieces = torch.split(flat, sizes)
         input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = pieces[:9]
         if gather_at:
             input_ids[g_at] = prev_tokens[g_from]
         cascade = None
         if plan is not None:
-            pt, pl, gcu, order, st, sl = (p.to(torch.int32) for p in pieces[9:])
+            # The plan's pieces sit at the end of the copy: one int32 conversion for all six.
+            tail = flat[sum(sizes[:9]):].to(torch.int32)
+            pt, pl, gcu, order, st, sl = torch.split(tail, sizes[9:])
             cascade = CascadeMetadata(pt.view(plan.prefix_tables.shape), pl, gcu, order,
                                       st.view(plan.suffix_tables.shape), sl)
             self.cascade_steps += 1
@@ -237,7 +240,6 @@ class ModelRunner:
         if inp.meta.is_decode and inp.meta.cascade is not None and self.cascade_graphs \
                 and B <= max(self.cascade_graphs):
             return self._replay_cascade(inp)
-        # (A cascade plan also keeps the plain tables valid, so the plain graph may serve it.)
         if inp.meta.is_decode and self.graphs and B <= max(self.graphs):
             return self._replay(inp)
         h = self.model(inp.input_ids, inp.positions, inp.meta)
