@@ -101,13 +101,13 @@ class LLMEngine:
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
         self.step_log: list[tuple[float, bool, int, int]] | None = None
         self._last_finish = 0.0
+        # Overlap host work with the GPU (steps that speculate run without it).
+        a = self.config.async_scheduling
+        self.async_output = a is True or (a == "auto" and self.device.type == "cuda")
         self.spec = None
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
             self.spec = SpecDecoder(self)
-        # Overlap host work with the GPU (steps that speculate run without it).
-        a = self.config.async_scheduling
-        self.async_output = a is True or (a == "auto" and self.device.type == "cuda")
 
     # ---- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,

@@ -103,6 +103,10 @@ class SpecDecoder:
         self.cheap_proposer = engine.config.speculative_method in ("ngram", "suffix")
         self.controller = SpecController(max_k=self.k)
         self.governor = SpecGovernor() if self.adaptive else None
+        if not engine.async_output:
+            self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing
+        # request id -> (position, token) the proposer guessed from the history before it
+        self._guesses: dict[str, tuple[int, int]] = {}
 
     def should_speculate(self, num_running: int) -> bool:
         return self.governor is None or self.governor.speculate(num_running)
@@ -120,22 +124,58 @@ class SpecDecoder:
         # Room left: drafts never run past max_tokens or the model's context.
         caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1,
                            self.engine.max_model_len - r.num_tokens - 1)) for r in reqs]
-        ks = self.controller.choose_k([r.request_id for r in reqs], caps) if self.adaptive else caps
-        plan = [(r, k) for r, k in zip(reqs, ks) if k > 0]
-        if plan and self.adaptive and self.cheap_proposer and any(r.num_pending for r, _ in plan) \
-                and not self._lookahead(plan):
+        if not self.adaptive:
+            return [(r, k) for r, k in zip(reqs, caps) if k > 0]
+        if not self.controller.can_pay(len(reqs)):
+            return []  # too large a batch for drafts to pay: spend no host time on them
+        self._score_guesses(reqs)
+        ids = [r.request_id for r in reqs]
+        ks = self.controller.choose_k(ids, caps)
+        if not any(ks) or not self.cheap_proposer:
+            return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        # The controller assumed every planned request drafts. Ask the proposer which really
+        # would, from the history already on the host, and decide again over those alone: a
+        # drafting step loses its overlap once for the whole batch, so the requests that will
+        # draft must win that back by themselves (open chat: a few weak matches per step).
+        planned = [i for i, k in enumerate(ks) if k > 0]
+        found = self._lookahead([reqs[i] for i in planned])
+        caps = [0] * len(reqs)
+        for i, f in zip(planned, found):
+            caps[i] = ks[i] if f else 0
+        if not any(caps):
             return []  # nothing to copy even from the known history: keep the step overlapped
-        return plan
+        ks = self.controller.choose_k(ids, caps, forget_idle=False)
+        return [(r, k) for r, k in zip(reqs, ks) if k > 0]
 
-    def _lookahead(self, plan: list[tuple[Request, int]]) -> bool:
-        """Would the proposer find a draft from the tokens already on the host? Drafting waits
-        for the tokens in flight, which costs the step its overlap; when the history up to them
-        matches nothing (open chat, novel text between copied spans), the newest token rarely
-        changes that, so the step runs plain and overlapped instead."""
-        hists = [r.all_token_ids[:len(r.all_token_ids) - r.num_pending] for r, _ in plan]
-        found = self.proposer.propose([r.request_id for r, _ in plan], hists, [1] * len(plan),
-                                      [getattr(r, "job_id", None) for r, _ in plan])
-        return any(found)
+    def _lookahead(self, reqs: list[Request]) -> list[bool]:
+        """Would the proposer find a draft for each request from the tokens already on the
+        host? For a request with a token in flight that is the history before it: the newest
+        token rarely changes whether the text is copying, and waiting for it would cost the
+        step its overlap. Each draft's first token is a guess at the next token, scored for
+        free once that token is known (`_score_guesses`): acceptance evidence for requests
+        that do not draft."""
+        hists = [r.all_token_ids[:len(r.all_token_ids) - r.num_pending] if r.num_pending else r.all_token_ids
+                 for r in reqs]
+        found = self.proposer.propose([r.request_id for r in reqs], hists, [1] * len(reqs),
+                                      [getattr(r, "job_id", None) for r in reqs])
+        for r, h, f in zip(reqs, hists, found):
+            if f:
+                self._guesses[r.request_id] = (len(h), f[0])
+        return [bool(f) for f in found]
+
+    def _score_guesses(self, reqs: list[Request]) -> None:
+        for r in reqs:
+            g = self._guesses.get(r.request_id)
+            if g is None:
+                continue
+            pos, tok = g
+            known = r.num_tokens - r.num_pending
+            if pos >= known:
+                continue  # not produced yet (still in flight)
+            del self._guesses[r.request_id]
+            p = r.num_prompt_tokens
+            actual = r.prompt_token_ids[pos] if pos < p else r.output_token_ids[pos - p]
+            self.controller.record_guess(r.request_id, actual == tok)
 
     def propose(self, plan: list[tuple[Request, int]]) -> bool:
         """Set spec_token_ids for the planned requests still running; True if any got drafts."""
@@ -216,3 +256,4 @@ class SpecDecoder:
     def on_finished(self, req: Request) -> None:
         self.proposer.on_finished(req.request_id, req.output_token_ids, getattr(req, "job_id", None))
         self.controller.forget(req.request_id)
+        self._guesses.pop(req.request_id, None)

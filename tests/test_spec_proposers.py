@@ -66,6 +66,18 @@ def test_ngram_incremental_equals_reference(toks, cuts, k, ns):
         assert p.propose(["r"], [h], [k]) == [ngram_propose_reference(h, k, min_n, max_n)]
 
 
+@given(toks=st.lists(st.integers(0, 3), min_size=0, max_size=60), step=st.integers(1, 3),
+       ns=st.tuples(st.integers(1, 3), st.integers(0, 3)))
+def test_ngram_token_by_token_equals_reference(toks, step, ns):
+    """Decoding appends one token per step (two or three after accepted drafts): the index's
+    fast path for small appends must agree with the definition at every length."""
+    min_n, max_n = ns[0], ns[0] + ns[1]
+    p = NgramProposer(min_n, max_n)
+    for c in range(0, len(toks) + 1, step):
+        h = toks[:c]
+        assert p.propose(["r"], [h], [3]) == [ngram_propose_reference(h, 3, min_n, max_n)]
+
+
 def test_ngram_step_cost_is_incremental():
     p = NgramProposer(1, 4)
     hist = [i % 5000 for i in range(50_000)]

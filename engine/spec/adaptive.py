@@ -105,22 +105,41 @@ class SpecController:
     stats: SpecStats = field(default_factory=SpecStats)
     job_stats: dict[str, SpecStats] = field(default_factory=dict)
     _acc: dict[str, _Acc] = field(default_factory=dict)
+    _can_pay: dict[int, bool] = field(default_factory=dict)
+
+    def can_pay(self, batch: int) -> bool:
+        """Could drafting pay at this batch size even if every draft were accepted? When it
+        cannot (large batches, where verifying extra rows makes the step compute-bound),
+        the per-request choice is skipped: it would cost host time every step for nothing."""
+        ok = self._can_pay.get(batch)
+        if ok is None:
+            ok = self._can_pay[batch] = any(self._allocate([0.99] * batch, [self.max_k] * batch))
+        return ok
 
     def acceptance(self, request_id: str) -> float:
         s = self._acc.get(request_id)
         a = self.prior if s is None else (s.acc + self.prior * self.prior_weight) / (s.trials + self.prior_weight)
         return min(a, 0.99)
 
-    def choose_k(self, request_ids: list[str], max_k: list[int] | None = None) -> list[int]:
+    def choose_k(self, request_ids: list[str], max_k: list[int] | None = None,
+                 forget_idle: bool = True) -> list[int]:
         """k per request for this step. `max_k` caps per request (room left before
-        max_tokens / max_model_len, proposer limits)."""
+        max_tokens / max_model_len, proposer limits; 0 for a request with nothing to draft).
+        `forget_idle=False` for a second look at the same step (no extra fading)."""
         B = len(request_ids)
         if B == 0:
             return []
         caps = [min(self.max_k, m) for m in max_k] if max_k is not None else [self.max_k] * B
+        k = self._allocate([self.acceptance(rid) for rid in request_ids], caps)
+        if forget_idle:
+            self._forget_idle(request_ids, k)
+        return k
+
+    def _allocate(self, acceptance: list[float], caps: list[int]) -> list[int]:
+        B = len(acceptance)
         gains: list[tuple[float, int]] = []  # (marginal expected tokens, request index)
-        for i, rid in enumerate(request_ids):
-            a, g = self.acceptance(rid), 1.0
+        for i, a in enumerate(acceptance):
+            g = 1.0
             for _ in range(max(0, caps[i])):
                 g *= a
                 gains.append((g, i))
@@ -137,7 +156,6 @@ class SpecController:
         if best_rate >= base * self.min_gain:
             for g, i in gains[:best_m]:
                 k[i] += 1
-        self._forget_idle(request_ids, k)
         return k
 
     def _forget_idle(self, request_ids: list[str], k: list[int]) -> None:
@@ -163,6 +181,14 @@ class SpecController:
         self.stats.add(proposed, accepted)
         if job_id is not None:
             self.job_stats.setdefault(job_id, SpecStats()).add(proposed, accepted)
+
+    def record_guess(self, request_id: str, hit: bool) -> None:
+        """Free evidence: the proposer's guess for a token the request has since produced
+        (see SpecDecoder._lookahead) was right or wrong. One trial of the first draft
+        position, with no verification paid and nothing counted in the stats."""
+        s = self._acc.setdefault(request_id, _Acc())
+        s.acc = self.decay * s.acc + (1 if hit else 0)
+        s.trials = self.decay * s.trials + 1
 
     def forget(self, request_id: str) -> None:
         self._acc.pop(request_id, None)

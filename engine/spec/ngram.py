@@ -33,6 +33,14 @@ class _NgramIndex:
         if len(history) > len(t):
             t.extend(history[len(t):])
         last = len(t) - 1  # newest token has no follower yet
+        if 0 < last - self.indexed_to <= 2 and self.indexed_to >= self.max_n:
+            # A step's worth of new tokens: index them directly (most calls; the slice-zip
+            # path below costs more to set up than it saves for one or two n-grams).
+            for e in range(self.indexed_to, last):
+                for n, table in enumerate(self.tables, self.min_n):
+                    table[tuple(t[e - n + 1:e + 1])] = e
+            self.indexed_to = last
+            return
         for n in range(self.min_n, self.max_n + 1):
             e0 = max(self.indexed_to, n - 1)
             if e0 < last:
