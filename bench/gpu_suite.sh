@@ -7,6 +7,8 @@
 #   p: prefix bench, both shapes    park: GGUF first half to /tmp    c: spec + SmolLM2 bf16 check
 #   t: SmolLM2 throughput    s: SmolLM2 check, spec profile, SmolLM2-shape prefix bench
 #   x: cascade attention GPU check, kernel timings, Qwen3-shape prefix bench
+#   w: Qwen3-shape prefix bench, then workload b with a pool of 2% of prompt tokens
+#   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32
 # Phases that need SmolLM2 (b, c, s, t) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -101,6 +103,20 @@ z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
   timeout ${PREFIX_TIMEOUT:-160} python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100 \
     > "$OUT/prefix-smollm2.log" 2>&1
   grep -B2 -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log" | tail -24
+  log "spec profile, extract b32 suffix"
+  timeout ${PROFILE_TIMEOUT:-90} python -m bench.profile_spec --batch 32 --method suffix > "$OUT/profile-spec.log" 2>&1
+  grep "^== " "$OUT/profile-spec.log"
+  ;;
+w)  # prefix bench on the Qwen3-0.6B shape, then workload b with a tight pool (parks the GGUF half)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "prefix qwen3-0.6b"
+  timeout ${PREFIX_TIMEOUT:-300} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100 \
+    > "$OUT/prefix-qwen3.log" 2>&1
+  grep -A30 "prefix caching and grouping" "$OUT/prefix-qwen3.log"
+  log "prefix qwen3-0.6b, workload b, pool 2% of prompt tokens"
+  timeout ${TIGHT_TIMEOUT:-200} python -m bench.prefix --dummy-weights qwen3-0.6b --workloads b --cache-fraction 0.02 \
+    --modes arrival,grouped --name prefix-qwen3-0.6b-b-pool2pct-h100 > "$OUT/prefix-qwen3-tight.log" 2>&1
+  grep -A12 "prefix caching and grouping" "$OUT/prefix-qwen3-tight.log"
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

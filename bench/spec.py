@@ -109,8 +109,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
-    ap.add_argument("--min-rounds", type=int, default=2,
-                    help="batch sizes up to 32 run at least this many rounds (one round of 32 lasts 0.3 s)")
+    ap.add_argument("--min-rounds", type=int, default=4,
+                    help="batch sizes up to 32 run at least this many rounds (one round of 32 lasts 0.1-0.3 s, "
+                         "too short for one timing)")
     ap.add_argument("--min-requests", type=int, default=16,
                     help="small batch sizes run rounds of b concurrent requests until this many ran "
                          "(one 128-token request alone is too short to time)")
