@@ -97,7 +97,7 @@ y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half
 z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "spec"; timeout ${SPEC_TIMEOUT:-200} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
-    --workloads extract,json,chat --draft-pair "" > "$OUT/spec.log" 2>&1
+    --workloads extract,json,chat --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
   grep -A40 "greedy, k=" "$OUT/spec.log"
   log "prefix smollm2-135m"
   timeout ${PREFIX_TIMEOUT:-160} python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100 \
