@@ -117,6 +117,7 @@ def main(argv=None) -> dict:
                          "(one 128-token request alone is too short to time)")
     ap.add_argument("--draft-pair", default="smollm2-135m",
                     help="random-weight target/draft pair of this shape for the draft-model overhead row ('' skips)")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per mode, alternating; the fastest counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-blocks", type=int, default=8192, help="KV pool per engine (several engines share the GPU)")
     ap.add_argument("--name", default=None)
@@ -145,15 +146,26 @@ def main(argv=None) -> dict:
     for name in args.workloads.split(","):
         for b in batch_sizes:
             prompts = [encode(m) for m in wl[name][:n_requests[b]]]
-            off, ref = run_mode(engines["off"], prompts, args.max_tokens, b)
+            # Modes alternate, `--repeats` times; each keeps its fastest run (runs of about a
+            # second vary by several percent from one to the next).
+            best: dict[str, dict] = {}
+            ref = None
+            for _ in range(args.repeats):
+                for mode in ["off"] + methods:
+                    fig, outs = run_mode(engines[mode], prompts, args.max_tokens, b)
+                    if ref is None:
+                        ref = outs
+                    same = sum(o == r for o, r in zip(outs, ref))
+                    if same != len(ref):
+                        mismatches.append(f"{name} b={b} {mode}: {len(ref) - same} of {len(ref)} differ")
+                    if mode not in best or fig["tok_s"] > best[mode]["tok_s"]:
+                        best[mode] = fig
+            off = best["off"]
             baseline[f"{name}_b{b}_tok_s"] = off["tok_s"]
             rows.append((f"{name} b={b} off", off))
             for method in methods:
-                fig, outs = run_mode(engines[method], prompts, args.max_tokens, b)
+                fig = best[method]
                 fig["speedup"] = fig["tok_s"] / off["tok_s"]
-                same = sum(o == r for o, r in zip(outs, ref))
-                if same != len(ref):
-                    mismatches.append(f"{name} b={b} {method}: {len(ref) - same} of {len(ref)} differ")
                 for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length", "steps", "spec_mode_steps",
                           "wait_steps"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
@@ -170,16 +182,23 @@ def main(argv=None) -> dict:
         off, _ = run_mode(make_engine(kw), prompts, args.max_tokens)
         fig, _ = run_mode(make_engine(dict(kw, speculative_model=dft, num_speculative_tokens=args.k,
                                            adaptive_speculation=False)), prompts, args.max_tokens)
+        # The same pair with adaptive speculation (the default): nothing is ever accepted, so
+        # the controller and governor should fall back to plain decoding.
+        ada, _ = run_mode(make_engine(dict(kw, speculative_model=dft, num_speculative_tokens=args.k)),
+                          prompts, args.max_tokens)
         baseline["draft_random_pair_b8_tok_s"] = off["tok_s"]
         figures["draft_random_pair_b8_tok_s"] = fig["tok_s"]
         figures["draft_random_pair_b8_speedup"] = fig["tok_s"] / off["tok_s"]
+        figures["draft_random_pair_b8_adaptive_speedup"] = ada["tok_s"] / off["tok_s"]
         rows.append(("draft (random pair) b=8 off", off))
         rows.append(("draft (random pair) b=8 k=%d" % args.k, dict(fig, speedup=fig["tok_s"] / off["tok_s"])))
+        rows.append(("draft (random pair) b=8 adaptive", dict(ada, speedup=ada["tok_s"] / off["tok_s"])))
     figures["greedy_mismatched_runs"] = len(mismatches)
     dev = device_name(args.device)
     name = args.name or f"spec-{args.model}-{'gpu' if args.device != 'cpu' else 'cpu'}"
     out = write_result(name, figures, baseline, dev, extra={"workload": {
         "model": args.model, "dtype": args.dtype, "k": args.k, "max_tokens": args.max_tokens,
+        "repeats": args.repeats, "timing": "modes alternate; each figure is the mode's fastest run",
         "batch_sizes": batch_sizes, "draft_pair": "random weights, same shapes: shows overhead only",
         "mismatches": mismatches}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,

@@ -37,6 +37,8 @@ class _Inflight:
         self.t0, self.t1, self.t2 = t0, t1, t2
         self.out_index: list[int] = []
         self.speculated = False
+        self.t_start = t0  # when the step() call that launched it began (before any drafting)
+        self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
         self.tokens: torch.Tensor | None = None  # on the device; the next step gathers inputs from it
         self.logprobs: torch.Tensor | None = None
@@ -151,6 +153,7 @@ class LLMEngine:
         GPU while the host finishes the previous one, so the outputs returned are those of
         the previous step. A speculating step needs every token on the host first."""
         outputs, self._pending = self._pending, []
+        t_start = time.perf_counter()
         overlap = self.async_output
         spec_mode = self.spec is not None and self.spec.should_speculate(len(self.scheduler.running))
         if spec_mode:
@@ -174,6 +177,8 @@ class LLMEngine:
         launched = self._launch(batch, t0) if batch.requests else None
         if launched is not None:
             launched.spec_mode = spec_mode
+            launched.t_start = t_start
+            launched.overlapped = overlap and self._inflight is not None
         if overlap:
             done, self._inflight = self._inflight, launched
         else:  # a drafting step already finished the one in flight; without async output there is none
@@ -249,15 +254,16 @@ class LLMEngine:
                 outputs.append(self._output(req, reason))
             else:
                 self.block_manager.cache_full_blocks(req)
-        period = self._record_step(fl.inp, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
+        period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
         if self.spec is not None:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
             # a speculating-mode step whose proposer found nothing still paid for the lost
             # overlap, and counting it as plain would make plain decoding look slow.
-            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period)
+            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
+                              rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped)
         return outputs
 
-    def _record_step(self, inp, t0, t1, t2, t3, t4) -> None:
+    def _record_step(self, inp, t_start, t0, t1, t2, t3, t4) -> None:
         tm = self.timings
         tm["steps"] += 1
         self.counters["steps"] += 1
@@ -266,7 +272,9 @@ class LLMEngine:
         tm["forward_sample_s"] += t3 - t2
         tm["update_s"] += t4 - t3
         # The period between finished steps: with overlap, a step's own span covers two calls.
-        period = t4 - max(t0, self._last_finish)
+        # It starts when the step() call began (a drafting step's proposer time counts), or
+        # when the previous step finished, whichever is later.
+        period = t4 - max(t_start, self._last_finish)
         if self.step_log is not None:
             m = inp.meta
             self.step_log.append((period, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))

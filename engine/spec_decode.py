@@ -111,9 +111,12 @@ class SpecDecoder:
     def should_speculate(self, num_running: int) -> bool:
         return self.governor is None or self.governor.speculate(num_running)
 
-    def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:
+    def observe(self, batch: int, spec_mode: bool, tokens: int, seconds: float, rows: int = 0,
+                drafted: bool = False, overlapped: bool = False) -> None:
         if self.governor is not None:
-            self.governor.observe(batch, speculated, tokens, seconds)
+            self.governor.observe(batch, spec_mode, tokens, seconds)
+        if self.adaptive and self.engine.async_output:
+            self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds)
 
     def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
         """(request, k) for each decoding request that should draft this step. Needs no

@@ -237,6 +237,36 @@ def test_controller_charges_the_lost_overlap_of_a_drafting_step():
     assert sum(free.choose_k(low)) > 0  # what the controller did before the term
 
 
+def test_controller_learns_what_a_drafting_step_really_costs():
+    """On a host-bound model a drafting step at batch 32 takes 3 plain steps (the host work
+    runs serialised with the GPU), and the step after it, launched with nothing in flight,
+    takes 1.5. The learned overhead makes JSON-like acceptance (0.6) stop drafting there, while
+    near-certain copying still drafts. At batch 1, where a drafting step costs 1.3 plain
+    steps, 0.6 keeps drafting."""
+    c = SpecController(max_k=4)
+    mid = [f"m{i}" for i in range(32)]
+    sure = [f"s{i}" for i in range(32)]
+    for r in mid:
+        _train(c, r, 0.6)
+    for r in sure:
+        _train(c, r, 0.97)
+    assert sum(c.choose_k(mid)) > 0  # the fixed half-step charge alone lets 0.6 draft
+    for _ in range(12):
+        for _ in range(5):
+            c.observe_step(32, 32, drafted=False, overlapped=True, seconds=0.001)
+        c.observe_step(32, 160, drafted=True, overlapped=False, seconds=0.003)
+        c.observe_step(32, 32, drafted=False, overlapped=False, seconds=0.0015)
+    assert 1.8 < c.sync_cost(32) < 2.5
+    assert c.choose_k(mid) == [0] * 32
+    assert all(k > 0 for k in c.choose_k(sure))
+    for _ in range(12):
+        c.observe_step(1, 1, drafted=False, overlapped=True, seconds=0.001)
+        c.observe_step(1, 5, drafted=True, overlapped=False, seconds=0.0013)
+        c.observe_step(1, 5, drafted=True, overlapped=False, seconds=0.0013)
+    assert c.sync_cost(1) < 0.5
+    assert c.choose_k(["m0"])[0] > 0
+
+
 def test_controller_probes_a_request_again_after_it_was_switched_off():
     c = SpecController(max_k=4)
     rids = [f"r{i}" for i in range(32)]

@@ -105,16 +105,68 @@ class SpecController:
     stats: SpecStats = field(default_factory=SpecStats)
     job_stats: dict[str, SpecStats] = field(default_factory=dict)
     _acc: dict[str, _Acc] = field(default_factory=dict)
-    _can_pay: dict[int, bool] = field(default_factory=dict)
+    # Learned per batch-size bucket from the engine's step times (async output only): what a
+    # drafting step really costs beyond the model's forward, in plain steps. On a small model
+    # the host, not the GPU, sets the pace, and a drafting step (host work serialised with
+    # the GPU, the proposer, verification) costs far more than `sync_factor` says.
+    max_sync: float = 4.0
+    sync_learn_rate: float = 0.3
+    _sync: dict[int, float] = field(default_factory=dict)
+    _plain_s: dict[int, float] = field(default_factory=dict)  # seconds of an overlapped plain step
+    _open: tuple[int, float] | None = None  # (bucket, overhead) of a drafting step not yet closed
+    _can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
+
+    @staticmethod
+    def bucket(batch: int) -> int:
+        return max(1, batch).bit_length()
+
+    def sync_cost(self, batch: int) -> float:
+        """Extra cost of a drafting step beyond its forward, in plain steps of this batch."""
+        return self._sync.get(self.bucket(batch), self.sync_factor)
 
     def can_pay(self, batch: int) -> bool:
         """Could drafting pay at this batch size even if every draft were accepted? When it
         cannot (large batches, where verifying extra rows makes the step compute-bound),
         the per-request choice is skipped: it would cost host time every step for nothing."""
-        ok = self._can_pay.get(batch)
+        key = (batch, round(self.sync_cost(batch), 1))
+        ok = self._can_pay.get(key)
         if ok is None:
-            ok = self._can_pay[batch] = any(self._allocate([0.99] * batch, [self.max_k] * batch))
+            ok = self._can_pay[key] = any(self._allocate([0.99] * batch, [self.max_k] * batch))
         return ok
+
+    def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float) -> None:
+        """One finished engine step. Overlapped plain steps set the plain step time. A drafting
+        step's overhead is its time over a plain step's, less what the cost model already
+        charges for its extra rows; the step after it, launched with nothing in flight, pays
+        the rest of the lost overlap, and is added before the overhead is learned."""
+        if seconds <= 0:
+            return
+        b = self.bucket(batch)
+        if drafted:
+            self._close()  # a drafting step right after another: that one's cost was its own
+            plain = self._plain_s.get(b)
+            if plain:
+                self._open = (b, seconds / plain - self.step_cost(rows) / self.step_cost(batch))
+            return
+        if self._open is not None:
+            ob, extra = self._open
+            plain = self._plain_s.get(ob)
+            if not overlapped and plain:
+                extra += max(0.0, seconds / plain - 1.0)
+            self._open = (ob, extra)
+            self._close()
+        elif overlapped:
+            old = self._plain_s.get(b)
+            self._plain_s[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def _close(self) -> None:
+        if self._open is None:
+            return
+        b, extra = self._open
+        self._open = None
+        x = min(max(extra, 0.0), self.max_sync)
+        old = self._sync.get(b, self.sync_factor)
+        self._sync[b] = old + self.sync_learn_rate * (x - old)
 
     def acceptance(self, request_id: str) -> float:
         s = self._acc.get(request_id)
@@ -145,7 +197,7 @@ class SpecController:
                 gains.append((g, i))
         gains.sort(key=lambda t: -t[0])
         base = B / self.step_cost(B)
-        sync = self.sync_factor * self.step_cost(B)
+        sync = self.sync_cost(B) * self.step_cost(B)
         best_m, best_rate, tokens = 0, base, float(B)
         for m, (g, _) in enumerate(gains, start=1):
             tokens += g
