@@ -8,7 +8,7 @@
 #   t: SmolLM2 throughput    s: SmolLM2 check, spec profile, SmolLM2-shape prefix bench
 #   x: cascade attention GPU check, kernel timings, Qwen3-shape prefix bench
 #   w: Qwen3-shape prefix bench, then workload b with a pool of 2% of prompt tokens
-#   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32
+#   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32    v: spec bench only
 # Phases that need SmolLM2 (b, c, s, t) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -72,6 +72,12 @@ c)  # SmolLM2: speculative decoding, then the bf16 check (logs go to $OUT as the
   log "engine GPU check (SmolLM2)"
   timeout ${CHECK_TIMEOUT:-200} python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 > "$OUT/check.log" 2>&1
   tail -c 3000 "$OUT/check.log"
+  ;;
+v)  # SmolLM2: speculative decoding only
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "spec"; timeout ${SPEC_TIMEOUT:-400} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+    --workloads ${SPEC_WORKLOADS:-extract,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
+  grep -v "Warning\|warn" "$OUT/spec.log" | tail -48
   ;;
 t)  # SmolLM2 throughput
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"

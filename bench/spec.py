@@ -172,6 +172,8 @@ def main(argv=None) -> dict:
                 rows.append((f"{name} b={b} {method}", fig))
     del engines
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if args.draft_pair:
         # Draft path overhead: a random-weight target and draft of the same shape (acceptance
         # is meaningless here; the row shows what drafting and verifying cost).
@@ -179,13 +181,20 @@ def main(argv=None) -> dict:
         tgt, dft = dummy_model_dir(args.draft_pair), dummy_model_dir(args.draft_pair)
         prompts = [encode(m) for m in wl["extract"][:8]]
         kw = dict(base_kw, model=tgt, load_format="dummy", max_num_seqs=8)
-        off, _ = run_mode(make_engine(kw), prompts, args.max_tokens)
-        fig, _ = run_mode(make_engine(dict(kw, speculative_model=dft, num_speculative_tokens=args.k,
-                                           adaptive_speculation=False)), prompts, args.max_tokens)
+
+        def timed(engine_kw: dict) -> dict:
+            eng = make_engine(engine_kw)
+            fig, _ = run_mode(eng, prompts, args.max_tokens)
+            del eng  # each engine's KV pool and graphs go before the next one is built
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return fig
+        off = timed(kw)
+        fig = timed(dict(kw, speculative_model=dft, num_speculative_tokens=args.k, adaptive_speculation=False))
         # The same pair with adaptive speculation (the default): nothing is ever accepted, so
         # the controller and governor should fall back to plain decoding.
-        ada, _ = run_mode(make_engine(dict(kw, speculative_model=dft, num_speculative_tokens=args.k)),
-                          prompts, args.max_tokens)
+        ada = timed(dict(kw, speculative_model=dft, num_speculative_tokens=args.k))
         baseline["draft_random_pair_b8_tok_s"] = off["tok_s"]
         figures["draft_random_pair_b8_tok_s"] = fig["tok_s"]
         figures["draft_random_pair_b8_speedup"] = fig["tok_s"] / off["tok_s"]

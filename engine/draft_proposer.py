@@ -22,6 +22,7 @@ class DraftModelProposer:
             gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_memory=cfg.kv_cache_memory,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_model_len=target.max_model_len, enable_prefix_caching=False, async_scheduling=False,
+            num_gpu_blocks_override=cfg.num_gpu_blocks_override,  # a fixed target pool fixes the draft's too
             seed=cfg.seed + 1, load_format=cfg.load_format)  # a random target gets a different random draft
         if self.engine.vocab_size != target.vocab_size:
             raise ValueError(f"draft model vocabulary ({self.engine.vocab_size}) differs from the target's "
