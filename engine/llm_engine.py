@@ -260,7 +260,8 @@ class LLMEngine:
             # a speculating-mode step whose proposer found nothing still paid for the lost
             # overlap, and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
-                              rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped)
+                              rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
+                              decode_only=fl.inp.meta.is_decode)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4) -> None:

@@ -72,10 +72,11 @@ class SpecGovernor:
         n_plain = len(self.samples.get((b, False), ()))
         if min(n_spec, n_plain) < self.warm:  # measure both first, speculation first
             return n_spec <= n_plain
-        # Speculation must win by the margin: where it copies well it wins by far more, and a
-        # near-tie (open chat, where the lookahead costs host time and rarely drafts) is
-        # decided for plain decoding, which is never slower than itself.
-        best = self.rate(batch, True) >= self.rate(batch, False) * (1 + self.tie_margin)
+        # Speculation keeps near-ties: a speculating-mode step where the controller drafts
+        # nothing costs what a plain one does, and only in that mode can the controller gather
+        # the evidence (scored guesses) that turns drafting on where text becomes copyable.
+        # What the governor guards against is a mode that is clearly slower.
+        best = self.rate(batch, True) * (1 + self.tie_margin) >= self.rate(batch, False)
         every = self.every.get(b, self.explore_every)
         if self.best.get(b) is not None and self.best[b] != best:
             every = self.explore_every  # the winner changed: watch closely again
@@ -107,16 +108,22 @@ class SpecDecoder:
             self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing
         # request id -> (position, token) the proposer guessed from the history before it
         self._guesses: dict[str, tuple[int, int]] = {}
+        self.probe_every, self.probe_max, self._probe_tick = 4, 64, 0
+        if self.cheap_proposer:
+            # Scored guesses keep every request's estimate current, so an estimate need not
+            # fade toward the prior while the request is not drafting (the draft model has
+            # no free guesses and keeps that fading).
+            self.controller.idle_decay = 1.0
 
     def should_speculate(self, num_running: int) -> bool:
         return self.governor is None or self.governor.speculate(num_running)
 
     def observe(self, batch: int, spec_mode: bool, tokens: int, seconds: float, rows: int = 0,
-                drafted: bool = False, overlapped: bool = False) -> None:
+                drafted: bool = False, overlapped: bool = False, decode_only: bool = True) -> None:
         if self.governor is not None:
             self.governor.observe(batch, spec_mode, tokens, seconds)
         if self.adaptive and self.engine.async_output:
-            self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds)
+            self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds, decode_only)
 
     def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
         """(request, k) for each decoding request that should draft this step. Needs no
@@ -134,6 +141,14 @@ class SpecDecoder:
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
         ks = self.controller.choose_k(ids, caps)
+        if not any(ks) and self.cheap_proposer:
+            # Nobody is worth drafting for on current evidence. Every few steps, guess anyway
+            # (no drafts, no waiting): scored guesses are how a request that turned copyable
+            # earns its drafts back, and the only evidence a new request gets.
+            self._probe_tick += 1
+            if self._probe_tick % self.probe_every == 0:
+                self._lookahead(reqs[:self.probe_max])
+            return []
         if not any(ks) or not self.cheap_proposer:
             return [(r, k) for r, k in zip(reqs, ks) if k > 0]
         # The controller assumed every planned request drafts. Ask the proposer which really

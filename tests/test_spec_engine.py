@@ -273,3 +273,21 @@ def r_next(r) -> int:
     """The token that continues the repeating span at the end of r's history."""
     seg = [7, 8, 9, 10, 11, 12]
     return seg[(seg.index(r.output_token_ids[-1]) + 1) % len(seg)]
+
+
+def test_requests_without_evidence_earn_drafts_through_probed_guesses():
+    """When drafting looks too costly on the prior alone (a learned high overhead), nobody
+    drafts, so no verification evidence could ever arrive. Every few steps the lookahead
+    guesses anyway; a request whose guesses keep coming true is then planned for drafts."""
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
+    ctl = eng.spec.controller
+    ctl._sync[ctl.bucket(1)] = 1.6  # as if learned: a drafting step costs 2.6 plain steps
+    seg = [7, 8, 9, 10, 11, 12]
+    r = _decoding("copy", [1, 2] + seg * 3, [7])
+    assert ctl.choose_k(["copy"], [4], forget_idle=False) == [0]
+    planned = []
+    for _ in range(40):
+        planned.append(bool(eng.spec.plan([r])))
+        r.output_token_ids.append(r_next(r))
+        r.num_computed_tokens += 1
+    assert not planned[0] and planned[-1]

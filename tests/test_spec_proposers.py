@@ -257,6 +257,11 @@ def test_controller_learns_what_a_drafting_step_really_costs():
         c.observe_step(32, 160, drafted=True, overlapped=False, seconds=0.003)
         c.observe_step(32, 32, drafted=False, overlapped=False, seconds=0.0015)
     assert 1.8 < c.sync_cost(32) < 2.5
+    learned = c.sync_cost(32)
+    c.observe_step(32, 160, drafted=True, overlapped=False, seconds=0.003)
+    c.observe_step(32, 32, drafted=False, overlapped=False, seconds=0.05, decode_only=False)  # a prefill
+    c.observe_step(32, 32, drafted=False, overlapped=True, seconds=0.04, decode_only=False)
+    assert c.sync_cost(32) == learned and c._plain_s[c.bucket(32)] < 0.0011
     assert c.choose_k(mid) == [0] * 32
     assert all(k > 0 for k in c.choose_k(sure))
     for _ in range(12):

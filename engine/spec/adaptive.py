@@ -134,28 +134,33 @@ class SpecController:
             ok = self._can_pay[key] = any(self._allocate([0.99] * batch, [self.max_k] * batch))
         return ok
 
-    def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float) -> None:
-        """One finished engine step. Overlapped plain steps set the plain step time. A drafting
-        step's overhead is its time over a plain step's, less what the cost model already
-        charges for its extra rows; the step after it, launched with nothing in flight, pays
-        the rest of the lost overlap, and is added before the overhead is learned."""
+    def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float,
+                     decode_only: bool = True) -> None:
+        """One finished engine step. Overlapped plain decode steps set the plain step time. A
+        drafting step's overhead is its time over a plain step's, less what the cost model
+        already charges for its extra rows; the step after it, launched with nothing in
+        flight, pays the rest of the lost overlap, and is added before the overhead is
+        learned. Steps that also prefill say nothing about either and are left out."""
         if seconds <= 0:
             return
         b = self.bucket(batch)
         if drafted:
             self._close()  # a drafting step right after another: that one's cost was its own
             plain = self._plain_s.get(b)
-            if plain:
+            if plain and decode_only:
                 self._open = (b, seconds / plain - self.step_cost(rows) / self.step_cost(batch))
             return
         if self._open is not None:
             ob, extra = self._open
             plain = self._plain_s.get(ob)
+            if not decode_only:
+                self._open = None  # its successor's time is mostly prefill: learn nothing
+                return
             if not overlapped and plain:
                 extra += max(0.0, seconds / plain - 1.0)
             self._open = (ob, extra)
             self._close()
-        elif overlapped:
+        elif overlapped and decode_only:
             old = self._plain_s.get(b)
             self._plain_s[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
