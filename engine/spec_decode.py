@@ -128,6 +128,8 @@ class SpecDecoder:
     def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
         """(request, k) for each decoding request that should draft this step. Needs no
         token values, so it can run while the previous step's tokens are still on the GPU."""
+        if self.adaptive and not self.controller.can_pay(len(running)):
+            return []  # quick reject at large batches (fewer decoding rows are checked below)
         reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not r.spec_token_ids]
         if not reqs:
             return []

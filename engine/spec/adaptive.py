@@ -113,7 +113,6 @@ class SpecController:
     sync_learn_rate: float = 0.3
     _sync: dict[int, float] = field(default_factory=dict)
     _plain_s: dict[int, float] = field(default_factory=dict)  # seconds of an overlapped plain step
-    _open: tuple[int, float] | None = None  # (bucket, overhead) of a drafting step not yet closed
     _can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
     @staticmethod
@@ -136,40 +135,23 @@ class SpecController:
 
     def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float,
                      decode_only: bool = True) -> None:
-        """One finished engine step. Overlapped plain decode steps set the plain step time. A
-        drafting step's overhead is its time over a plain step's, less what the cost model
-        already charges for its extra rows; the step after it, launched with nothing in
-        flight, pays the rest of the lost overlap, and is added before the overhead is
-        learned. Steps that also prefill say nothing about either and are left out."""
-        if seconds <= 0:
+        """One finished engine step. Overlapped plain decode steps set the plain step time; a
+        drafting decode step's overhead is its time over a plain step's, less what the cost
+        model already charges for its extra rows. (The plain step right after a drafting one
+        also runs without overlap, but that is paid once per switch, not per drafting step.)
+        Steps that also prefill say nothing about either and are left out."""
+        if seconds <= 0 or not decode_only:
             return
         b = self.bucket(batch)
+        plain = self._plain_s.get(b)
         if drafted:
-            self._close()  # a drafting step right after another: that one's cost was its own
-            plain = self._plain_s.get(b)
-            if plain and decode_only:
-                self._open = (b, seconds / plain - self.step_cost(rows) / self.step_cost(batch))
-            return
-        if self._open is not None:
-            ob, extra = self._open
-            plain = self._plain_s.get(ob)
-            if not decode_only:
-                self._open = None  # its successor's time is mostly prefill: learn nothing
-                return
-            if not overlapped and plain:
-                extra += max(0.0, seconds / plain - 1.0)
-            self._open = (ob, extra)
-            self._close()
-        elif overlapped and decode_only:
-            old = self._plain_s.get(b)
-            self._plain_s[b] = seconds if old is None else 0.8 * old + 0.2 * seconds
+            if plain:
+                self._learn(b, seconds / plain - self.step_cost(rows) / self.step_cost(batch))
+        elif overlapped:
+            self._plain_s[b] = seconds if plain is None else 0.8 * plain + 0.2 * seconds
 
-    def _close(self) -> None:
-        if self._open is None:
-            return
-        b, extra = self._open
-        self._open = None
-        x = min(max(extra, 0.0), self.max_sync)
+    def _learn(self, b: int, overhead: float) -> None:
+        x = min(max(overhead, 0.0), self.max_sync)
         old = self._sync.get(b, self.sync_factor)
         self._sync[b] = old + self.sync_learn_rate * (x - old)
 
