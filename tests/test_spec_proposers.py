@@ -278,3 +278,16 @@ def test_controller_probes_a_request_again_after_it_was_switched_off():
     ks = [c.choose_k(rids) for _ in range(200)]
     first = next(i for i, k in enumerate(ks) if sum(k) > 0)
     assert ks[0] == [0] * 32 and 5 < first < 200
+
+
+def test_new_requests_start_from_recent_acceptance():
+    """A batch job's requests do the same task: after requests that copied well, a new request
+    starts with high expected acceptance (and drafts at once); after open chat, low."""
+    c = SpecController(max_k=4)
+    assert c.acceptance("new") == c.prior
+    for i in range(20):
+        _train(c, f"copy{i}", 0.95)
+    assert c.acceptance("new") > 0.85
+    for i in range(60):
+        _train(c, f"chat{i}", 0.1)
+    assert c.acceptance("new") < 0.3

@@ -112,6 +112,9 @@ class SpecController:
     max_sync: float = 4.0
     sync_learn_rate: float = 0.3
     _sync: dict[int, float] = field(default_factory=dict)
+    recent_decay: float = 0.995  # per trial: about the last 200 trials count
+    _recent_acc: float = 0.0
+    _recent_trials: float = 0.0
     _plain_s: dict[int, float] = field(default_factory=dict)  # seconds of an overlapped plain step
     _can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
@@ -155,9 +158,25 @@ class SpecController:
         old = self._sync.get(b, self.sync_factor)
         self._sync[b] = old + self.sync_learn_rate * (x - old)
 
+    def recent_acceptance(self) -> float:
+        """Acceptance across recent requests, the prior for a new request: a batch job's
+        requests do the same task, so the last ones say more than a fixed guess. Starts at
+        `prior`; evidence fades with `recent_decay` per trial."""
+        return (self._recent_acc + self.prior * self.prior_weight) / (self._recent_trials + self.prior_weight)
+
+    def _add_recent(self, accepted: float, trials: float) -> None:
+        f = self.recent_decay ** trials
+        self._recent_acc = f * self._recent_acc + accepted
+        self._recent_trials = f * self._recent_trials + trials
+
     def acceptance(self, request_id: str) -> float:
         s = self._acc.get(request_id)
-        a = self.prior if s is None else (s.acc + self.prior * self.prior_weight) / (s.trials + self.prior_weight)
+        # A new request starts from what recent requests achieved; a request's own evidence is
+        # blended with the fixed prior, so a request left idle fades toward it and is tried
+        # again even where recent requests did poorly.
+        if s is None:
+            return min(self.recent_acceptance(), 0.99)
+        a = (s.acc + self.prior * self.prior_weight) / (s.trials + self.prior_weight)
         return min(a, 0.99)
 
     def choose_k(self, request_ids: list[str], max_k: list[int] | None = None,
@@ -217,6 +236,7 @@ class SpecController:
         trials = accepted + (1 if accepted < proposed else 0)
         s.acc = self.decay * s.acc + accepted
         s.trials = self.decay * s.trials + trials
+        self._add_recent(accepted, trials)
         self.stats.add(proposed, accepted)
         if job_id is not None:
             self.job_stats.setdefault(job_id, SpecStats()).add(proposed, accepted)
@@ -228,6 +248,7 @@ class SpecController:
         s = self._acc.setdefault(request_id, _Acc())
         s.acc = self.decay * s.acc + (1 if hit else 0)
         s.trials = self.decay * s.trials + 1
+        self._add_recent(1 if hit else 0, 1)
 
     def forget(self, request_id: str) -> None:
         self._acc.pop(request_id, None)
