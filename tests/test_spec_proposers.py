@@ -218,23 +218,24 @@ def test_controller_measured_table_and_stats():
     assert c1.stats.steps == 30  # k = 0 steps carry no evidence
 
 
+def _trained(c: SpecController, prefix: str, n: int, a: float) -> list[str]:
+    """n request ids whose recorded acceptance is about a."""
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for r in ids:
+        _train(c, r, a)
+    return ids
+
+
 def test_controller_charges_the_lost_overlap_of_a_drafting_step():
     """Drafting makes a step synchronous. At batch 32 (flat cost) low acceptance no longer pays
     for that; high acceptance still does, and so does batch 1 when copying."""
     c = SpecController(max_k=4)
-    low = [f"l{i}" for i in range(32)]
-    high = [f"h{i}" for i in range(32)]
-    for r in low:
-        _train(c, r, 0.2)
-    for r in high:
-        _train(c, r, 0.9)
+    low, high = _trained(c, "l", 32, 0.2), _trained(c, "h", 32, 0.9)
     assert c.choose_k(low) == [0] * 32
     assert all(k > 0 for k in c.choose_k(high))
     assert c.choose_k(["h0"]) == [4]
     free = SpecController(max_k=4, sync_factor=0.0)
-    for r in low:
-        _train(free, r, 0.2)
-    assert sum(free.choose_k(low)) > 0  # what the controller did before the term
+    assert sum(free.choose_k(_trained(free, "l", 32, 0.2))) > 0  # what the controller did before the term
 
 
 def test_controller_learns_what_a_drafting_step_really_costs():
@@ -243,12 +244,7 @@ def test_controller_learns_what_a_drafting_step_really_costs():
     drafting there, while near-certain copying still drafts. At batch 1, where a drafting
     step costs 1.3 plain steps, 0.6 keeps drafting."""
     c = SpecController(max_k=4)
-    mid = [f"m{i}" for i in range(32)]
-    sure = [f"s{i}" for i in range(32)]
-    for r in mid:
-        _train(c, r, 0.6)
-    for r in sure:
-        _train(c, r, 0.97)
+    mid, sure = _trained(c, "m", 32, 0.6), _trained(c, "s", 32, 0.97)
     assert sum(c.choose_k(mid)) > 0  # the fixed half-step charge alone lets 0.6 draft
     for _ in range(12):
         for _ in range(5):
