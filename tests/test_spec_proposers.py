@@ -122,6 +122,63 @@ def test_suffix_incremental_equals_from_scratch(toks, cuts, k):
         assert inc.propose_drafts(["r"], [h], [k]) == fresh.propose_drafts(["r"], [h], [k])
 
 
+def _match_definition(idx, context, k, min_prob, spec_factor, self_overlap):
+    """SuffixIndex.match written plainly: the longest indexed suffix of the context, then per
+    position the most frequent next token over the live occurrences."""
+    from engine.spec.suffix import SEP, Draft
+    occ, n_match = None, 0
+    for n in reversed(idx.lengths):
+        if n <= len(context) and (occ := idx.tables[n].get(tuple(context[len(context) - n:]))) is not None:
+            n_match = n
+            break
+    if occ is None or k <= 0:
+        return Draft()
+    occ = [occ] if isinstance(occ, int) else occ
+
+    def at(pos, draft):
+        i = pos - idx.base
+        if i < len(idx.tokens):
+            return None if idx.tokens[i] == SEP else idx.tokens[i]
+        d = i - len(idx.tokens)
+        return draft[d] if self_overlap and d < len(draft) else None
+
+    k = min(k, max(1, int(spec_factor * n_match)))
+    alive, draft, probs, cum = occ[-idx.max_occ:], [], [], 1.0
+    for i in range(k):
+        counts = {}
+        for e in alive:
+            tok = at(e + 1 + i, draft)
+            if tok is not None:
+                counts[tok] = counts.get(tok, 0) + 1
+        if not counts:
+            break
+        tok, c = max(counts.items(), key=lambda kv: kv[1])
+        p = c / len(alive)
+        cum *= p
+        if cum < min_prob:
+            break
+        alive = [e for e in alive if at(e + 1 + i, draft) == tok]
+        draft.append(tok)
+        probs.append(p)
+    return Draft(draft, probs, n_match)
+
+
+@settings(max_examples=200, deadline=None)
+@given(toks=st.lists(st.integers(0, 3), min_size=1, max_size=100), ctx_len=st.integers(1, 12),
+       k=st.integers(0, 6), min_prob=st.sampled_from([0.0, 0.1, 0.5]), overlap=st.booleans(),
+       seps=st.lists(st.integers(0, 99), max_size=3))
+def test_suffix_match_equals_its_definition(toks, ctx_len, k, min_prob, overlap, seps):
+    from engine.spec.suffix import SEP, SuffixIndex
+    stream = list(toks)
+    for s in seps:  # job indexes hold several outputs separated by SEP
+        if s < len(stream):
+            stream[s] = SEP
+    idx = SuffixIndex(max_depth=8, max_occurrences=4)
+    idx.append(stream, index_last=True)
+    ctx = [x for x in toks[-ctx_len:]]
+    assert idx.match(ctx, k, min_prob, 1.0, overlap) == _match_definition(idx, ctx, k, min_prob, 1.0, overlap)
+
+
 def _json_output(i: int) -> list[int]:
     # a template {"name": <v>, "age": <v>, "city": <v>} with per-request values
     return [900, 901, 902, 1000 + i, 903, 904, 905, 911, 2000 + i, 903, 906, 907, 912, 3000 + i, 908]

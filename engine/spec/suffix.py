@@ -116,16 +116,6 @@ class SuffixIndex:
                         del occ[: len(occ) - self.max_occ]
         self.indexed_to = max(self.indexed_to, stop)
 
-    def _tok(self, pos: int, draft: list[int], self_overlap: bool) -> int | None:
-        i = pos - self.base
-        if i < len(self.tokens):
-            t = self.tokens[i]
-            return None if t == SEP else t
-        if not self_overlap:
-            return None
-        d = i - len(self.tokens)  # continuation runs past the end into the draft itself
-        return draft[d] if d < len(draft) else None
-
     def match(
         self,
         context: list[int],
@@ -151,23 +141,42 @@ class SuffixIndex:
         # A short match is weak evidence whatever its counts say: cap the draft by it.
         k = min(k, max(1, int(spec_factor * n_match)))
         alive = occ[-self.max_occ:]
-        draft, probs, cum = [], [], 1.0
+        t, base, L = self.tokens, self.base, len(self.tokens)
+        draft: list[int] = []
+        probs: list[float] = []
+        cum = 1.0
         for i in range(k):
-            counts: dict[int, int] = {}
+            # Each live occurrence's next token, read inline (this loop is the proposer's
+            # per-step cost): from the store, or from the draft itself when a match overlaps
+            # the end (periodic text); SEP and running out end an occurrence.
+            nxt: list[tuple[int, int]] = []
             for e in alive:
-                tok = self._tok(e + 1 + i, draft, self_overlap)
-                if tok is not None:
-                    counts[tok] = counts.get(tok, 0) + 1
-            if not counts:
+                j = e + 1 + i - base
+                if j < L:
+                    tok = t[j]
+                    if tok == SEP:
+                        continue
+                elif self_overlap and j - L < len(draft):
+                    tok = draft[j - L]
+                else:
+                    continue
+                nxt.append((e, tok))
+            if not nxt:
                 break
-            tok, c = max(counts.items(), key=lambda kv: kv[1])
+            if len(nxt) == 1:
+                tok, c = nxt[0][1], 1
+            else:
+                counts: dict[int, int] = {}
+                for _, x in nxt:
+                    counts[x] = counts.get(x, 0) + 1
+                tok, c = max(counts.items(), key=lambda kv: kv[1])
             p = c / len(alive)  # occurrences that ended count as "stop" mass
             cum *= p
             if cum < min_prob:
                 break
             draft.append(tok)
             probs.append(p)
-            alive = [e for e in alive if self._tok(e + 1 + i, draft[:-1], self_overlap) == tok]
+            alive = [e for e, x in nxt if x == tok]
         return Draft(draft, probs, n_match)
 
 
