@@ -21,7 +21,10 @@ class DraftModelProposer:
             model, tokenizer=target.tokenizer, device=str(target.device), dtype=cfg.dtype, block_size=cfg.block_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization, kv_cache_memory=cfg.kv_cache_memory,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_model_len=target.max_model_len, enable_prefix_caching=False, async_scheduling=False,
+            max_model_len=target.max_model_len, enable_prefix_caching=False,
+            # Like the target: on the GPU the host prepares draft step j+1 while step j runs,
+            # each step's token reaching the next on the device; `_flush` collects them.
+            async_scheduling=target.async_output,
             num_gpu_blocks_override=cfg.num_gpu_blocks_override,  # a fixed target pool fixes the draft's too
             seed=cfg.seed + 1, load_format=cfg.load_format)  # a random target gets a different random draft
         if self.engine.vocab_size != target.vocab_size:
@@ -58,14 +61,24 @@ class DraftModelProposer:
         # Step the draft engine until every asked request has its k drafts (prefill first).
         for _ in range(max(k, default=0) + 64):
             reqs = self.engine.requests
+            # (num_tokens counts tokens still on the device: enough steps are launched)
             if all(rid not in reqs or reqs[rid].num_tokens - n >= kk for rid, (n, kk) in want.items()):
                 break
             self.engine.step()
+        self._flush()
         out = []
         for rid, (n, kk) in want.items():
             req = self.engine.requests.get(rid)
             out.append(req.all_token_ids[n:n + kk] if req is not None else [])
         return out
+
+    def _flush(self) -> None:
+        """Bring the draft step still in flight to the host, so every draft token is known and
+        nothing runs while the next call rewrites the draft requests' histories."""
+        eng = self.engine
+        if eng._inflight is not None:
+            fl, eng._inflight = eng._inflight, None
+            eng._finish(fl)  # draft requests never finish on their own (ignore_eos, no limit)
 
     def on_finished(self, request_id: str, token_ids: list[int], job_id: str | None = None) -> None:
         self.engine.abort(request_id)

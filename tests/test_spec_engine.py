@@ -49,14 +49,18 @@ def test_adaptive_speculation_backs_off_at_large_batch():
     assert s["spec_proposed"] < 48 * 5 * 4 / 2
 
 
-def test_draft_model_speculation_is_exact_and_accepts_its_own_tokens():
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_draft_model_speculation_is_exact_and_accepts_its_own_tokens(overlap):
+    """With async output (the GPU default) the draft engine also runs its steps overlapped, each
+    draft token reaching the next step on the device; the drafts must be the same."""
     from tests.engine_helpers import tiny_model_dir
     prompts = copy_heavy_prompts(6)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     plain = run_engine(tiny_engine("llama"), prompts, sp)
     # The target as its own draft: every greedy draft must be accepted.
     eng = tiny_engine("llama", speculative_model=tiny_model_dir("llama"), num_speculative_tokens=3,
-                      adaptive_speculation=False)
+                      adaptive_speculation=False, async_scheduling=overlap)
+    assert eng.spec.proposer.engine.async_output == overlap
     spec = run_engine(eng, prompts, sp)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     s = eng.stats()
