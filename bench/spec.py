@@ -72,7 +72,9 @@ def make_engine(kw: dict):
 def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None = None
              ) -> tuple[dict, list[list[int]]]:
     """One timed run on a warm engine: the prompts in rounds of `batch` concurrent requests
-    (all at once by default). Request ids are fresh so per-request state starts clean."""
+    (all at once by default). Request ids are fresh so per-request state starts clean. The run
+    is one job, as a worker would run it (the suffix proposer learns from the job's finished
+    outputs); each run gets a fresh job id, so a repeated run cannot copy its own outputs."""
     from engine.sampling_params import SamplingParams
     global _run_id
     _run_id += 1
@@ -83,7 +85,7 @@ def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None =
     t0 = time.monotonic()
     for r0 in range(0, len(prompts), batch):
         for i in range(r0, min(r0 + batch, len(prompts))):
-            eng.add_request(f"{_run_id}-{i}", prompts[i], sp)
+            eng.add_request(f"{_run_id}-{i}", prompts[i], sp, job_id=f"run-{_run_id}")
         while eng.has_unfinished():
             outs.update({o.request_id: o.token_ids for o in eng.step()})
     elapsed = time.monotonic() - t0

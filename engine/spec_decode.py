@@ -42,7 +42,7 @@ class SpecGovernor:
     flight, an index build) to the mode that caused it; dropping the slowest step keeps one
     outlier (the first index build, a step behind a long prefill) from locking a mode out."""
 
-    def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 2048,
+    def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 256,
                  window: int = 16, warm: int = 3, tie_margin: float = 0.03) -> None:
         self.samples: dict[tuple[int, bool], deque[tuple[int, float]]] = {}
         self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
@@ -85,6 +85,10 @@ class SpecGovernor:
         if n >= every + self.explore_steps:  # a re-check just ended and confirmed the winner
             n, every = 0, min(2 * every, self.max_every)
         self.steps[b], self.every[b] = n, every
+        if n == every:
+            # A re-check starts: the loser is measured afresh (until it has `warm` steps again),
+            # not judged on samples from long ago, when the workload may have been different.
+            self.samples.pop((b, not best), None)
         return best != (n >= every)
 
     def observe(self, batch: int, speculated: bool, tokens: int, seconds: float) -> None:

@@ -76,10 +76,16 @@ def test_governor_follows_measured_rates_and_rechecks_less_and_less():
     g.observe(32, True, tokens=100, seconds=1.0)
     assert g.speculate(32) is False  # then plain
     g.observe(32, False, tokens=300, seconds=1.0)
-    picks = [g.speculate(32) for _ in range(100)]
+    picks = []
+    for _ in range(100):  # as in the engine, each step is timed for the mode it ran in
+        p = g.speculate(32)
+        picks.append(p)
+        g.observe(32, p, tokens=100 if p else 300, seconds=1.0)
     checks = [i for i, p in enumerate(picks) if p]
-    # Plain wins; speculation is re-checked for 2 steps, each time after twice as long a wait.
+    # Plain wins; speculation is re-checked for 2 steps, each time after twice as long a wait,
+    # measured afresh each time (its old samples are dropped when a re-check starts).
     assert checks == [9, 10, 31, 32, 73, 74]
+    assert len(g.samples[(g.bucket(32), True)]) == 2
     g.observe(1, True, tokens=500, seconds=1.0)
     g.observe(1, False, tokens=100, seconds=1.0)
     assert [g.speculate(1) for _ in range(10)].count(True) >= 8  # where speculation wins, it runs
@@ -295,3 +301,22 @@ def test_requests_without_evidence_earn_drafts_through_probed_guesses():
         r.output_token_ids.append(r_next(r))
         r.num_computed_tokens += 1
     assert not planned[0] and planned[-1]
+
+
+def test_governor_notices_when_the_workload_turns_copyable():
+    """A long stretch where speculation lost (open chat) must not keep it off once the text
+    becomes copyable: re-checks stay at most `max_every` apart and measure speculation afresh,
+    so within about one interval it wins again."""
+    from engine.spec_decode import SpecGovernor
+    g = SpecGovernor(explore_every=4, explore_steps=2, max_every=16, warm=1)
+
+    def run(steps: int, spec_rate: float) -> list[bool]:
+        picks = []
+        for _ in range(steps):
+            p = g.speculate(8)
+            picks.append(p)
+            g.observe(8, p, tokens=spec_rate if p else 300, seconds=1.0)
+        return picks
+    assert run(300, 100).count(True) < 60  # chat: mostly plain
+    later = run(60, 900)  # copyable: speculation triples the rate
+    assert later[-30:].count(True) >= 25
