@@ -19,6 +19,8 @@ from bench.common import device_name, print_table, write_result
 FIRST = ["Alice", "Bruno", "Chen", "Dara", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
 LAST = ["Okafor", "Lindqvist", "Moreau", "Tanaka", "Silva", "Novak", "Haddad", "Brennan", "Kowalski", "Reyes"]
 CITY = ["Lisbon", "Osaka", "Nairobi", "Toronto", "Krakow", "Valparaiso", "Tallinn", "Pune"]
+CHAT_ANGLES = ["for a curious child.", "for a busy engineer.", "in plain words.", "with one example.",
+               "as a short story.", "with a surprising fact.", "for a beginner.", "step by step."]
 ITEM = ["solar inverters", "hospital beds", "laboratory reagents", "bicycle frames", "server racks", "seed stock"]
 
 
@@ -50,7 +52,11 @@ def workloads(n: int, rng: random.Random) -> dict[str, list[list[dict]]]:
                       f'{{"buyer": "", "supplier_contact": "", "date": "", "city": "", "item": "", '
                       f'"quantity": 0, "unit_price_eur": 0, "total_eur": 0}}\n\nDocument:\n{d["text"]}')
                  for d in docs],
-        "chat": [user(f"Tell me about {chat_topics[i % len(chat_topics)]}.") for i in range(n)],
+        # Every chat prompt is distinct: a run is one job, and the suffix proposer's job-wide index
+        # would otherwise copy a repeated prompt's greedy answer whole.
+        "chat": [user(f"Tell me about {chat_topics[i % len(chat_topics)]}, {CHAT_ANGLES[i // len(chat_topics) % 8]}"
+                      + (f" Use at most {60 + i} words." if i >= 8 * len(chat_topics) else ""))
+                 for i in range(n)],
     }
 
 
