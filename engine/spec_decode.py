@@ -15,6 +15,7 @@ import torch
 from engine.request import Request
 from engine.sampler import SamplingTensors, exponential_noise, processed_probs
 from engine.spec import NgramProposer, SpecController, SuffixProposer, rejection_sample
+from engine.spec.adaptive import batch_bucket
 from engine.spec.rejection import SpecNoise
 
 
@@ -51,9 +52,7 @@ class SpecGovernor:
         self.every: dict[int, int] = {}
         self.best: dict[int, bool] = {}
 
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return max(1, batch).bit_length()
+    bucket = staticmethod(batch_bucket)
 
     def rate(self, batch: int, speculating: bool) -> float | None:
         s = self.samples.get((self.bucket(batch), speculating))
@@ -147,7 +146,9 @@ class SpecDecoder:
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
         ks = self.controller.choose_k(ids, caps)
-        if not any(ks) and self.cheap_proposer:
+        if not self.cheap_proposer:
+            return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        if not any(ks):
             # Nobody is worth drafting for on current evidence. Every few steps, guess anyway
             # (no drafts, no waiting): scored guesses are how a request that turned copyable
             # earns its drafts back, and the only evidence a new request gets.
@@ -155,8 +156,6 @@ class SpecDecoder:
             if self._probe_tick % self.probe_every == 0:
                 self._lookahead(reqs[:self.probe_max])
             return []
-        if not any(ks) or not self.cheap_proposer:
-            return [(r, k) for r, k in zip(reqs, ks) if k > 0]
         # The controller assumed every planned request drafts. Ask the proposer which really
         # would, from the history already on the host, and decide again over those alone: a
         # drafting step loses its overlap once for the whole batch, so the requests that will
@@ -178,8 +177,10 @@ class SpecDecoder:
         step its overlap. Each draft's first token is a guess at the next token, scored for
         free once that token is known (`_score_guesses`): acceptance evidence for requests
         that do not draft."""
-        hists = [r.all_token_ids[:len(r.all_token_ids) - r.num_pending] if r.num_pending else r.all_token_ids
-                 for r in reqs]
+        hists = []
+        for r in reqs:
+            h = r.all_token_ids
+            hists.append(h[:len(h) - r.num_pending] if r.num_pending else h)
         found = self.proposer.propose([r.request_id for r in reqs], hists, [1] * len(reqs),
                                       [getattr(r, "job_id", None) for r in reqs])
         for r, h, f in zip(reqs, hists, found):

@@ -22,6 +22,11 @@ from typing import Callable
 StepCost = Callable[[int], float]
 
 
+def batch_bucket(batch: int) -> int:
+    """Batch sizes measured together (powers of two): step times within one are alike."""
+    return max(1, batch).bit_length()
+
+
 @dataclass
 class StepCostModel:
     """Default cost of one forward over n tokens, in units of a small-batch decode step:
@@ -118,9 +123,7 @@ class SpecController:
     _plain_s: dict[int, float] = field(default_factory=dict)  # seconds of an overlapped plain step
     _can_pay: dict[tuple[int, float], bool] = field(default_factory=dict)
 
-    @staticmethod
-    def bucket(batch: int) -> int:
-        return max(1, batch).bit_length()
+    bucket = staticmethod(batch_bucket)
 
     def sync_cost(self, batch: int) -> float:
         """Extra cost of a drafting step beyond its forward, in plain steps of this batch."""
