@@ -9,7 +9,8 @@
 #   x: cascade attention GPU check, kernel timings, Qwen3-shape prefix bench
 #   w: Qwen3-shape prefix bench, then workload b with a pool of 2% of prompt tokens
 #   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32    v: spec bench only
-# Phases that need SmolLM2 (b, c, s, t) must follow, within 30 s, a call that carried .carry/p1
+#   o: spec bench on every workload, then the cascade + speculation GPU check
+# Phases that need SmolLM2 (b, c, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -123,6 +124,15 @@ w)  # prefix bench on the Qwen3-0.6B shape, then workload b with a tight pool (p
   timeout ${TIGHT_TIMEOUT:-200} python -m bench.prefix --dummy-weights qwen3-0.6b --workloads b --cache-fraction 0.02 \
     --modes arrival,grouped --name prefix-qwen3-0.6b-b-pool2pct-h100 > "$OUT/prefix-qwen3-tight.log" 2>&1
   grep -A12 "prefix caching and grouping" "$OUT/prefix-qwen3-tight.log"
+  ;;
+o)  # SmolLM2: spec bench (every workload), then the GPU check of cascade + speculation (graphs)
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "spec"; timeout ${SPEC_TIMEOUT:-420} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+    --workloads ${SPEC_WORKLOADS:-extract,rewrite,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
+  grep -v "Warning\|warn" "$OUT/spec.log" | tail -60
+  log "cascade + spec GPU check"
+  timeout ${CHECK_TIMEOUT:-150} python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k cascade > "$OUT/cascade-check.log" 2>&1
+  tail -c 1200 "$OUT/cascade-check.log"
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

@@ -17,7 +17,7 @@ from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model
 from engine.models.loader import arch_from_config, read_config
 from engine.outputs import RequestOutput
-from engine.request import Request
+from engine.request import Request, RequestStatus
 from engine.sampler import SamplingTensors, exponential_noise, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -35,31 +35,37 @@ class _Inflight:
     def __init__(self, batch, inp, sample_reqs, t0, t1, t2) -> None:
         self.batch, self.inp, self.sample_reqs = batch, inp, sample_reqs
         self.t0, self.t1, self.t2 = t0, t1, t2
-        self.out_index: list[int] = []
-        self.speculated = False
+        self.speculated = False  # verified drafts: `packed` holds tokens and accepted counts
         self.t_start = t0  # when the step() call that launched it began (before any drafting)
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
-        self.tokens: torch.Tensor | None = None  # on the device; the next step gathers inputs from it
+        # On the device, per sampling request: the newest token (the next step gathers its
+        # input from it) and, after verification, the drafts accepted (the next step's shift).
+        self.tokens: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+        self.packed: torch.Tensor | None = None  # [N, K+2]: emitted tokens (padded), then accepted
         self.logprobs: torch.Tensor | None = None
-        self.host_tokens: list | None = None
+        # Per sampling request: (drafts scored, tokens they assumed, history length they follow).
+        self.drafts: list[tuple[list[int], list[int], int]] = []
         self.logprobs_host: list | None = None
+        self._src: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
         self._host_lp: torch.Tensor | None = None
         self._event = None
 
     def copy_to_host(self) -> None:
-        if self.tokens.is_cuda:
+        src = self.packed if self.packed is not None else self.tokens
+        if src.is_cuda:
             # Copy right behind the sampling kernels, so waiting for it does not wait for the next step.
-            self._host = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self._host.copy_(self.tokens, non_blocking=True)
+            self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self._host.copy_(src, non_blocking=True)
             if self.logprobs is not None:
                 self._host_lp = torch.empty(self.logprobs.shape, dtype=self.logprobs.dtype, pin_memory=True)
                 self._host_lp.copy_(self.logprobs, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         else:
-            self._host, self._host_lp = self.tokens, self.logprobs
+            self._host, self._host_lp = src, self.logprobs
 
     def wait(self) -> list:
         if self._event is not None:
@@ -151,24 +157,28 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step. With async output (GPU) the step launched here runs on the
         GPU while the host finishes the previous one, so the outputs returned are those of
-        the previous step. A speculating step needs every token on the host first."""
+        the previous step. Drafts from the n-gram and suffix proposers keep that overlap (they
+        continue the tokens in flight as the proposer expects them; verification and the
+        shift it causes stay on the device). A draft model needs every token on the host."""
         outputs, self._pending = self._pending, []
         t_start = time.perf_counter()
         overlap = self.async_output
         spec_mode = self.spec is not None and self.spec.should_speculate(len(self.scheduler.running))
+        if self.spec is not None:
+            self.spec.clear_drafts()
         if spec_mode:
-            # k per request comes from acceptance estimates alone; only when someone will draft
-            # does the host wait for the tokens in flight (drafts continue known tokens), so a
-            # step where nobody drafts keeps its overlap.
             self.counters["spec_mode_steps"] += 1
-            plan = self.spec.plan(self.scheduler.running)
-            if plan:
-                if self._inflight is not None:
-                    self.counters["spec_wait_steps"] += 1
-                    outputs.extend(self._finish(self._inflight))
-                    self._inflight = None
-                drafted = self.spec.propose(plan)
-                overlap = self.async_output and not drafted
+            if self.spec.drafts_ahead:
+                self.spec.draft_ahead(self.scheduler.running)
+            else:
+                plan = self.spec.plan(self.scheduler.running)
+                if plan:
+                    if self._inflight is not None:
+                        self.counters["spec_wait_steps"] += 1
+                        outputs.extend(self._finish(self._inflight))
+                        self._inflight = None
+                    drafted = self.spec.propose(plan)
+                    overlap = self.async_output and not drafted
         t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         for req in batch.errors:
@@ -188,37 +198,46 @@ class LLMEngine:
         return outputs
 
     def _launch(self, batch, t0: float) -> "_Inflight":
-        prev = self._inflight.tokens if self._inflight is not None else None
         t1 = time.perf_counter()
-        inp = self.runner.prepare(batch, prev)
+        inp = self.runner.prepare(batch, self._inflight)
         t2 = time.perf_counter()
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]
         fl = _Inflight(batch, inp, sample_reqs, t0, t1, t2)
-        fl.speculated = any(n > 1 for n in inp.rows_per_req)
-        if self.spec is not None and fl.speculated:
-            fl.host_tokens = self.spec.verify(sample_reqs, inp.rows_per_req, logits)
+        want_lp = any(r.params.logprobs for r in sample_reqs)
+        if inp.draft_ids is not None:
+            fl.speculated = True
+            fl.tokens, fl.offsets, fl.packed, fl.logprobs = self.spec.verify(sample_reqs, inp, logits, want_lp)
+            fl.drafts = [(r.spec_token_ids[:n - 1], r.spec_assumed, r.spec_base)
+                         for r, n in zip(sample_reqs, inp.rows_per_req)]
         else:
             st = SamplingTensors.from_requests(sample_reqs, self.vocab_size, self.device)
             noise = None if st.all_greedy else exponential_noise(sample_reqs, logits.shape[1], self.device,
-                                                                 self.default_generator)
-            fl.tokens, fl.logprobs = sample(logits, st, noise, any(r.params.logprobs for r in sample_reqs))
-            fl.copy_to_host()
-        # The scheduled tokens' KV is written by this step; each sampling request gets a
-        # placeholder for its new token, filled in by `_finish`.
+                                                                 self.default_generator,
+                                                                 offsets=inp.sample_offsets)
+            fl.tokens, fl.logprobs = sample(logits, st, noise, want_lp)
+        fl.copy_to_host()
+        # The scheduled tokens' KV is written by this step. Drafts count as computed only once
+        # the host knows how many were accepted (`_finish`); until then the next step's
+        # positions are shifted on the device. Each sampling request gets one placeholder for
+        # what this step emits (1 + accepted drafts tokens), filled in by `_finish`.
         for req, n in zip(batch.requests, batch.num_tokens):
             req.num_computed_tokens += n
         for j, req in enumerate(sample_reqs):
-            fl.out_index.append(len(req.output_token_ids))
+            k = inp.rows_per_req[j] - 1
+            req.num_computed_tokens -= k
+            req.num_unverified += k
+            req.inflight_drafts = fl.drafts[j][0] if k else []
             req.output_token_ids.append(PENDING)
             req.pending_row = j
             req.num_pending += 1
         for req in batch.requests:
+            req.spec_token_ids = []
             self.block_manager.cache_full_blocks(req)
         return fl
 
     def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
-        toks_all = fl.host_tokens if fl.host_tokens is not None else fl.wait()
+        host = fl.wait()
         t3 = time.perf_counter()
         now = time.monotonic()
         outputs = []
@@ -226,17 +245,28 @@ class LLMEngine:
         for j, req in enumerate(fl.sample_reqs):
             if req.is_finished:
                 continue
+            idx = len(req.output_token_ids) - req.num_pending  # the oldest placeholder is this step's
             req.num_pending -= 1
-            idx = fl.out_index[j]
-            toks = toks_all[j] if isinstance(toks_all[j], list) else [toks_all[j]]
-            scored = fl.inp.rows_per_req[j]
-            if scored > 1:  # speculative: accepted drafts keep their KV, rejected slots get overwritten
-                req.num_computed_tokens -= (scored - 1) - (len(toks) - 1)
-                req.spec_token_ids = []
+            lp = fl.logprobs_host[j] if fl.logprobs_host is not None else None
+            if fl.speculated:
+                row = host[j]
+                a = row[-1]
+                toks = row[:a + 1]
+                lp = lp[:a + 1] if lp is not None else None
+                k = fl.inp.rows_per_req[j] - 1
+                if k:
+                    if req.status == RequestStatus.RUNNING:  # (a preempted request recomputes anyway)
+                        req.num_computed_tokens += a  # accepted drafts keep their KV
+                        req.num_unverified -= k
+                    req.inflight_drafts = []
+                    self.spec.record(req, k, a, *fl.drafts[j][1:])
+            else:
+                toks = [host[j]]
+                lp = [lp] if lp is not None else None
             req.output_token_ids[idx:idx + 1] = toks
             emitted += len(toks)
-            if fl.logprobs_host is not None:
-                req.output_logprobs.append(fl.logprobs_host[j])
+            if lp is not None:
+                req.output_logprobs.extend(lp)
             if req.first_token_time is None:
                 req.first_token_time = now
                 self.counters["prompt_tokens"] += req.num_prompt_tokens
@@ -247,6 +277,8 @@ class LLMEngine:
                 reason = self.stop_checker.check(req, idx + k + 1)
                 if reason:
                     del req.output_token_ids[idx + k + 1:]  # drop later placeholders and drafts
+                    if lp is not None:
+                        del req.output_logprobs[idx + k + 1:]
                     break
             if reason:
                 self.scheduler.finish(req, reason)
@@ -257,8 +289,8 @@ class LLMEngine:
         period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
         if self.spec is not None:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
-            # a speculating-mode step whose proposer found nothing still paid for the lost
-            # overlap, and counting it as plain would make plain decoding look slow.
+            # a speculating-mode step whose proposer found nothing still paid for its planning,
+            # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
                               decode_only=fl.inp.meta.is_decode)

@@ -54,6 +54,13 @@ class StepInputs:
     sample_rows: list[int]  # batch positions (into batch.requests) that sample
     rows_per_req: list[int]  # scored positions per sampling request (1 + drafts)
     context_tokens: int = 0  # KV tokens attention reads this step
+    # Verification (steps with drafts): drafts per sampling request [N, K] padded with -1, and
+    # the rows of the scored logits for each [N, K+1] (padding repeats the request's last row).
+    draft_ids: torch.Tensor | None = None
+    verify_rows: torch.Tensor | None = None
+    # Per sampling request, positions the step in flight added beyond the host's count
+    # (accepted drafts); seeded sampling keys its noise by the true position. None: all 0.
+    sample_offsets: torch.Tensor | None = None
 
 
 class ModelRunner:
@@ -142,37 +149,44 @@ class ModelRunner:
         del kc, h
 
     # ---- inputs ------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, prev_tokens: torch.Tensor | None = None) -> StepInputs:
-        """Flat inputs for the batch. A token still being sampled by the previous step
-        (a placeholder on the host) is gathered from `prev_tokens` on the device."""
+    def prepare(self, batch: ScheduledBatch, prev=None) -> StepInputs:
+        """Flat inputs for the batch. `prev` is the step still in flight (or None): a token it
+        is still sampling (a placeholder on the host) is gathered from its `tokens` on the
+        device, and where it verified drafts, the number it accepted (its `offsets`, known only
+        on the device) shifts the request's positions, slots and context here, on the device."""
         reqs, counts = batch.requests, batch.num_tokens
         B = len(reqs)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
         lens = np.asarray(counts, dtype=np.int64)
         T = int(lens.sum())
+        prev_offsets = prev.offsets if prev is not None else None
         ids: list[int] = []
         gather_at: list[int] = []
         gather_from: list[int] = []
+        shifted: list[tuple[int, int, int, int]] = []  # (request, first token, tokens, offset row)
         sample_rows, rows_per_req, logit_idx = [], [], []
+        drafts: list[list[int]] = []
         cu = 0
         for i, (r, s, n) in enumerate(zip(reqs, starts.tolist(), counts)):
             ntok = r.num_tokens
             if s + n <= len(r.prompt_token_ids):
                 ids.extend(r.prompt_token_ids[s:s + n])
             elif n == 1 and not r.spec_token_ids:
-                t = r.output_token_ids[-1]  # plain decode
-                if t < 0:
-                    gather_at.append(len(ids))
-                    gather_from.append(r.pending_row)
-                ids.append(t)
+                ids.append(r.output_token_ids[-1])  # plain decode
             else:
-                ids.extend((r.all_token_ids + r.spec_token_ids)[s:s + n])
+                ids.extend(r.token_slice(s, s + n))
+            if r.num_pending and s <= ntok - 1 < s + n:  # the newest token is still on the device
+                gather_at.append(cu + ntok - 1 - s)
+                gather_from.append(r.pending_row)
+                if prev_offsets is not None:
+                    shifted.append((i, cu, n, r.pending_row))
             end = s + n
             if end >= ntok:  # reached the real tokens' end: this request samples
                 k = end - ntok  # drafts scored this step
                 sample_rows.append(i)
                 rows_per_req.append(k + 1)
                 logit_idx.extend(range(cu + n - k - 1, cu + n))
+                drafts.append(r.spec_token_ids[:k])
             cu += n
         max_blocks = max(len(r.blocks) for r in reqs)
         table = np.zeros((B, max_blocks), dtype=np.int32)
@@ -189,7 +203,8 @@ class ModelRunner:
         dev = self.device
         ctx = starts + lens
         B_rows, q_max = B, int(lens.max())
-        if 1 < q_max <= MAX_ROWS_AS_DECODE:
+        as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE
+        if as_decode:
             # Few new tokens per sequence (speculative verification): give every token a row of
             # its own, with its sequence's block table and a context ending at its own position.
             # Causality then comes from the context lengths, the whole step is a decode step
@@ -203,12 +218,47 @@ class ModelRunner:
         is_decode = bool((lens == 1).all())
         plan = None
         # Verification rows (q_max > 1) already read their sequence's blocks k+1 times from
-        # the L2 cache; cascade there is unmeasured, so it stays on plain decode steps.
-        if q_max == 1 and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
+        # the L2 cache; cascade there is unmeasured, so it stays on plain decode steps. Its plan
+        # is made from host-side context lengths, so not where the device shifts them.
+        if q_max == 1 and not shifted and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
             plan = plan_cascade(table, ctx, self.block_size)
+        # Shifts: for each shifted token, its table row and offset row; for each attention row
+        # whose context grows, the same.
+        sh_tok, sh_tab, sh_src, sh_ctx, sh_ctx_src = [], [], [], [], []
+        for i, c0, n, src in shifted:
+            sh_tok.extend(range(c0, c0 + n))
+            sh_src.extend([src] * n)
+            if as_decode:
+                sh_tab.extend(range(c0, c0 + n))
+                sh_ctx.extend(range(c0, c0 + n))
+                sh_ctx_src.extend([src] * n)
+            else:
+                sh_tab.extend([i] * n)
+                sh_ctx.append(i)
+                sh_ctx_src.append(src)
+        # Verification: drafts per sampling request, and the scored rows of each ([N, K+1],
+        # padded with the request's last row).
+        K = max(rows_per_req, default=1) - 1
+        ver = []
+        if K:
+            N = len(drafts)
+            d = np.full((N, K), -1, dtype=np.int64)
+            vidx = np.zeros((N, K + 1), dtype=np.int64)
+            r0 = 0
+            for j, (dj, nr) in enumerate(zip(drafts, rows_per_req)):
+                d[j, :len(dj)] = dj
+                vidx[j] = r0 + np.minimum(np.arange(K + 1), nr - 1)
+                r0 += nr
+            ver = [d.ravel(), vidx.ravel()]
+        samp_src = []
+        if prev_offsets is not None:
+            samp_src = [reqs[i].pending_row if reqs[i].num_pending else -1 for i in sample_rows]
         # One host-to-device copy for everything; the pieces are views of it.
         parts = [np.asarray(ids, dtype=np.int64), pos, slots, ctx, cu_q, np.asarray(logit_idx, dtype=np.int64),
-                 table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64)]
+                 table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64),
+                 *(np.asarray(x, dtype=np.int64) for x in (sh_tok, sh_tab, sh_src, sh_ctx, sh_ctx_src, samp_src))]
+        parts += ver
+        n_fixed = len(parts)
         if plan is not None:
             parts += [plan.prefix_tables.ravel(), plan.prefix_lens, plan.group_cu, plan.order,
                       plan.suffix_tables.ravel(), plan.suffix_lens]
@@ -217,20 +267,40 @@ class ModelRunner:
         pieces = torch.split(flat, sizes)
         input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = pieces[:9]
         if gather_at:
-            input_ids[g_at] = prev_tokens[g_from]
+            input_ids[g_at] = prev.tokens[g_from]
+        sample_offsets = None
+        if shifted:
+            t_tok, t_tab, t_src, t_ctx, t_ctx_src = pieces[9:14]
+            p_new = pos_t[t_tok] + prev_offsets[t_src]
+            pos_t[t_tok] = p_new
+            tbl = table_t.view(B_rows, max_blocks)
+            bs = self.block_size
+            slots_t[t_tok] = tbl[t_tab, p_new // bs].to(torch.int64) * bs + p_new % bs
+            ctx_t[t_ctx] += prev_offsets[t_ctx_src]
+        if samp_src:
+            src = pieces[14]
+            sample_offsets = torch.where(src >= 0, prev_offsets[src.clamp(min=0)], torch.zeros_like(src))
+        draft_t = vidx_t = None
+        if K:
+            draft_t = pieces[15].view(-1, K)
+            vidx_t = pieces[16].view(-1, K + 1)
         cascade = None
         if plan is not None:
             # The plan's pieces sit at the end of the copy: one int32 conversion for all six.
-            tail = flat[sum(sizes[:9]):].to(torch.int32)
-            pt, pl, gcu, order, st, sl = torch.split(tail, sizes[9:])
+            tail = flat[sum(sizes[:n_fixed]):].to(torch.int32)
+            pt, pl, gcu, order, st, sl = torch.split(tail, sizes[n_fixed:])
             cascade = CascadeMetadata(pt.view(plan.prefix_tables.shape), pl, gcu, order,
                                       st.view(plan.suffix_tables.shape), sl)
             self.cascade_steps += 1
+        # The host's context lengths miss the shifts; the bound for grid sizing must not.
+        max_shift = max((reqs[i].num_unverified for i, *_ in shifted), default=0)
         meta = AttentionMetadata(
             slot_mapping=slots_t, block_tables=table_t.view(B_rows, max_blocks).to(torch.int32),
             context_lens=ctx_t.to(torch.int32), cu_seqlens_q=cu_t.to(torch.int32),
-            is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int(ctx.max()), cascade=cascade)
-        return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()))
+            is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int(ctx.max()) + max_shift,
+            cascade=cascade)
+        return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()),
+                          draft_ids=draft_t, verify_rows=vidx_t, sample_offsets=sample_offsets)
 
     # ---- forward -------------------------------------------------------------
     @torch.inference_mode()

@@ -49,6 +49,15 @@ class Request:
     # Tokens sampled on the device whose ids the host has not seen yet (async output).
     num_pending: int = 0
     pending_row: int = -1  # row of the newest one in that step's sampled-token tensor
+    # Drafts scored by the step in flight, whose acceptance only the device knows yet: the
+    # next step's positions shift by the number accepted (applied on the device), and blocks
+    # are reserved for all of them.
+    inflight_drafts: list[int] = field(default_factory=list)
+    num_unverified: int = 0
+    # Tokens this step's drafts assume the step in flight produces (its drafts, all accepted,
+    # then the proposer's guess at the next token), and the history length they follow.
+    spec_assumed: list[int] = field(default_factory=list)
+    spec_base: int = 0
     job_id: str | None = None
     spec_accepted: int = 0
 

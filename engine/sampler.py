@@ -81,16 +81,21 @@ def processed_probs(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
 
 
 def exponential_noise(reqs: list[Request], vocab: int, device: torch.device,
-                      default: torch.Generator | None, rows_per_req: list[int] | None = None) -> torch.Tensor:
+                      default: torch.Generator | None, rows_per_req: list[int] | None = None,
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Exp(1) noise, one row per scored position. A seeded request's noise is a hash of
-    (seed, output position), so its tokens depend neither on the batch nor on speculation."""
+    (seed, output position), so its tokens depend neither on the batch nor on speculation.
+    `offsets` [N] (on the device): output positions beyond the host's count, from drafts a
+    step still in flight accepted."""
     rows = rows_per_req or [1] * len(reqs)
     noise = torch.empty(sum(rows), vocab, device=device)
     noise.exponential_(generator=default)
     r = 0
-    for req, n in zip(reqs, rows):
+    for j, (req, n) in enumerate(zip(reqs, rows)):
         if req.params.seed is not None:
             pos = len(req.output_token_ids) + torch.arange(n, device=device)
+            if offsets is not None:
+                pos = pos + offsets[j]
             seed = torch.tensor([req.params.seed], device=device)
             noise[r:r + n] = counter_noise(seed, pos[None, :], vocab).exp[0]
         r += n

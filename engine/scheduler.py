@@ -61,6 +61,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_hit_tokens = 0
         req.spec_token_ids = []
+        req.num_unverified = 0  # its tokens in flight still land; their KV is gone anyway
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -86,7 +87,9 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            while not self.bm.allocate_slots(req, n):
+            # Room too for the drafts of the step in flight: as many as are accepted shift
+            # this step's tokens to later positions.
+            while not self.bm.allocate_slots(req, n + req.num_unverified):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)

@@ -1,7 +1,14 @@
 """Speculative decoding inside the engine: before scheduling, a proposer drafts up
 to k tokens for each decoding request (k chosen per step by the adaptive
 controller); the scheduler grants them as ordinary tokens, so the target scores
-all k+1 positions in the same forward; `verify` accepts them exactly.
+all k+1 positions in the same forward; `verify` accepts them exactly, on the device.
+
+The n-gram and suffix proposers draft ahead: with a step still in flight, a request's
+drafts continue the tokens that step is expected to produce (its own drafts, all
+accepted, then the proposer's guess at the next token). Nothing waits for the host, so
+drafting steps keep the overlap of host work with the GPU. Where the expectation was
+wrong the drafts are simply rejected: verification compares them with what the target
+computes after the real tokens, so the output is exact either way.
 
 KV written for rejected drafts needs no cleanup: `num_computed_tokens` stops at
 the last accepted token, so those slots are overwritten by the next tokens.
@@ -103,16 +110,21 @@ class SpecDecoder:
         self.k = engine.config.num_speculative_tokens
         self.adaptive = engine.config.adaptive_speculation
         self.proposer = make_proposer(engine)
-        # Host-side lookups (not a draft model): cheap enough to ask twice per step.
-        self.cheap_proposer = engine.config.speculative_method in ("ngram", "suffix")
+        # Host-side lookups (not a draft model): cheap enough to run every step, and able to
+        # draft ahead of the tokens in flight.
+        self.drafts_ahead = engine.config.speculative_method in ("ngram", "suffix")
         self.controller = SpecController(max_k=self.k)
         self.governor = SpecGovernor() if self.adaptive else None
         if not engine.async_output:
             self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing
+        elif self.drafts_ahead:
+            # Drafting keeps the overlap; what is left is the proposer's host time (learned).
+            self.controller.sync_factor = 0.1
         # request id -> (position, token) the proposer guessed from the history before it
         self._guesses: dict[str, tuple[int, int]] = {}
         self.probe_every, self.probe_max, self._probe_tick = 4, 64, 0
-        if self.cheap_proposer:
+        self._drafted: list[Request] = []  # requests given drafts this step
+        if self.drafts_ahead:
             # Scored guesses keep every request's estimate current, so an estimate need not
             # fade toward the prior while the request is not drafting (the draft model has
             # no free guesses and keeps that fading).
@@ -128,65 +140,104 @@ class SpecDecoder:
         if self.adaptive and self.engine.async_output:
             self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds, decode_only)
 
-    def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
-        """(request, k) for each decoding request that should draft this step. Needs no
-        token values, so it can run while the previous step's tokens are still on the GPU."""
+    def clear_drafts(self) -> None:
+        """Drop drafts a request was given but not scheduled with (they follow an older history)."""
+        for r in self._drafted:
+            r.spec_token_ids = []
+            r.spec_assumed = []
+        self._drafted = []
+
+    def _decoding(self, running: list[Request]) -> tuple[list[Request], list[int]]:
+        """Requests whose next step decodes, and the drafts each has room for: drafts never run
+        past max_tokens or the model's context, counting the drafts still in flight."""
+        reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
+        caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1 - r.num_unverified,
+                           self.engine.max_model_len - r.num_tokens - 1 - r.num_unverified)) for r in reqs]
+        return reqs, caps
+
+    # ---- n-gram and suffix: drafts ahead of the step in flight -----------------------------
+    def draft_ahead(self, running: list[Request]) -> None:
+        """Give drafts to the decoding requests where they should pay. Never waits for the
+        step in flight: it drafts from the tokens already on the host."""
         if self.adaptive and not self.controller.can_pay(len(running)):
-            return []  # quick reject at large batches (fewer decoding rows are checked below)
-        reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and not r.spec_token_ids]
+            return  # quick reject at large batches (fewer decoding rows are checked below)
+        reqs, caps = self._decoding(running)
         if not reqs:
-            return []
-        # Room left: drafts never run past max_tokens or the model's context.
-        caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1,
-                           self.engine.max_model_len - r.num_tokens - 1)) for r in reqs]
+            return
         if not self.adaptive:
-            return [(r, k) for r, k in zip(reqs, caps) if k > 0]
+            self._assign(reqs, self._lookahead(reqs, caps))
+            return
         if not self.controller.can_pay(len(reqs)):
-            return []  # too large a batch for drafts to pay: spend no host time on them
+            return  # too large a batch for drafts to pay: spend no host time on them
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
-        ks = self.controller.choose_k(ids, caps)
-        if not self.cheap_proposer:
-            return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        # Drafts that continue tokens in flight hold only if those come out as expected.
+        disc = [self.controller.acceptance(r.request_id) ** self._assumed_len(r) for r in reqs]
+        ks = self.controller.choose_k(ids, caps, discount=disc)
         if not any(ks):
             # Nobody is worth drafting for on current evidence. Every few steps, guess anyway
-            # (no drafts, no waiting): scored guesses are how a request that turned copyable
-            # earns its drafts back, and the only evidence a new request gets.
+            # (no drafts): scored guesses are how a request that turned copyable earns its
+            # drafts back, and the only evidence a new request gets.
             self._probe_tick += 1
             if self._probe_tick % self.probe_every == 0:
-                self._lookahead(reqs[:self.probe_max])
-            return []
+                probe = reqs[:self.probe_max]
+                self._lookahead(probe, [0] * len(probe))
+            return
         # The controller assumed every planned request drafts. Ask the proposer which really
-        # would, from the history already on the host, and decide again over those alone: a
-        # drafting step loses its overlap once for the whole batch, so the requests that will
-        # draft must win that back by themselves (open chat: a few weak matches per step).
+        # would and decide again over those alone (open chat: a few weak matches per step).
         planned = [i for i, k in enumerate(ks) if k > 0]
-        found = self._lookahead([reqs[i] for i in planned])
+        found = self._lookahead([reqs[i] for i in planned], [ks[i] for i in planned])
         caps = [0] * len(reqs)
         for i, f in zip(planned, found):
-            caps[i] = ks[i] if f else 0
+            caps[i] = len(f[0])
         if not any(caps):
-            return []  # nothing to copy even from the known history: keep the step overlapped
-        ks = self.controller.choose_k(ids, caps, forget_idle=False)
-        return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+            return
+        ks = self.controller.choose_k(ids, caps, forget_idle=False, discount=disc)
+        self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
 
-    def _lookahead(self, reqs: list[Request]) -> list[bool]:
-        """Would the proposer find a draft for each request from the tokens already on the
-        host? For a request with a token in flight that is the history before it: the newest
-        token rarely changes whether the text is copying, and waiting for it would cost the
-        step its overlap. Each draft's first token is a guess at the next token, scored for
-        free once that token is known (`_score_guesses`): acceptance evidence for requests
-        that do not draft."""
-        hists = []
-        for r in reqs:
+    @staticmethod
+    def _assumed_len(r: Request) -> int:
+        return len(r.inflight_drafts) + 1 if r.num_pending else 0
+
+    def _assign(self, reqs: list[Request], found: list[tuple[list[int], list[int], int]]) -> None:
+        for r, (drafts, assumed, base) in zip(reqs, found):
+            if drafts:
+                r.spec_token_ids, r.spec_assumed, r.spec_base = list(drafts), assumed, base
+                self._drafted.append(r)
+
+    def _lookahead(self, reqs: list[Request], ks: list[int]) -> list[tuple[list[int], list[int], int]]:
+        """(drafts, assumed tokens, history length) per request, from the tokens on the host.
+        A request with a step in flight gets drafts that continue what that step is expected
+        to produce: its drafts, all accepted (the proposer, asked for more tokens, must still
+        propose them), then the proposer's guess at the token after them. That guess is scored
+        for free once the token is known (`_score_guesses`): acceptance evidence for requests
+        that do not draft, and the only evidence a request drafting nothing gets."""
+        hists, wants = [], []
+        for r, k in zip(reqs, ks):
             h = r.all_token_ids
-            hists.append(h[:len(h) - r.num_pending] if r.num_pending else h)
-        found = self.proposer.propose([r.request_id for r in reqs], hists, [1] * len(reqs),
-                                      [getattr(r, "job_id", None) for r in reqs])
-        for r, h, f in zip(reqs, hists, found):
-            if f:
+            if r.num_pending:
+                hists.append(h[:len(h) - r.num_pending])
+                wants.append(len(r.inflight_drafts) + 1 + k)
+            else:
+                hists.append(h)
+                wants.append(max(k, 1))
+        props = self.proposer.propose([r.request_id for r in reqs], hists, wants,
+                                      [r.job_id for r in reqs])
+        out = []
+        for r, h, f, k in zip(reqs, hists, props, ks):
+            if not r.num_pending:
+                if f and not k:
+                    self._guesses[r.request_id] = (len(h), f[0])
+                out.append((f[:k], [], len(h)))
+                continue
+            m = len(r.inflight_drafts)
+            if len(f) <= m or f[:m] != r.inflight_drafts:
+                out.append(([], [], len(h)))
+                continue
+            if m == 0:
                 self._guesses[r.request_id] = (len(h), f[0])
-        return [bool(f) for f in found]
+            out.append((f[m + 1:m + 1 + k], f[:m + 1], len(h)))
+        return out
 
     def _score_guesses(self, reqs: list[Request]) -> None:
         for r in reqs:
@@ -202,83 +253,78 @@ class SpecDecoder:
             actual = r.prompt_token_ids[pos] if pos < p else r.output_token_ids[pos - p]
             self.controller.record_guess(r.request_id, actual == tok)
 
+    # ---- draft model: drafts from the whole history (the step in flight is waited for) -----
+    def plan(self, running: list[Request]) -> list[tuple[Request, int]]:
+        """(request, k) for each decoding request that should draft this step. Needs no
+        token values, so it can run while the previous step's tokens are still on the GPU."""
+        if self.adaptive and not self.controller.can_pay(len(running)):
+            return []
+        reqs, caps = self._decoding(running)
+        if not reqs:
+            return []
+        if not self.adaptive:
+            return [(r, k) for r, k in zip(reqs, caps) if k > 0]
+        if not self.controller.can_pay(len(reqs)):
+            return []
+        ks = self.controller.choose_k([r.request_id for r in reqs], caps)
+        return [(r, k) for r, k in zip(reqs, ks) if k > 0]
+
     def propose(self, plan: list[tuple[Request, int]]) -> bool:
         """Set spec_token_ids for the planned requests still running; True if any got drafts."""
         plan = [(r, k) for r, k in plan if not r.is_finished]
         if not plan:
             return False
-        drafts = self.proposer.propose([r.request_id for r, _ in plan], [r.all_token_ids for r, _ in plan],
-                                       [k for _, k in plan], [getattr(r, "job_id", None) for r, _ in plan])
-        any_draft = False
-        for (r, k), d in zip(plan, drafts):
-            r.spec_token_ids = list(d[:k])
-            any_draft |= bool(r.spec_token_ids)
-        return any_draft
+        hists = [r.all_token_ids for r, _ in plan]
+        drafts = self.proposer.propose([r.request_id for r, _ in plan], hists, [k for _, k in plan],
+                                       [r.job_id for r, _ in plan])
+        self._assign([r for r, _ in plan], [(d[:k], [], len(h)) for (r, k), d, h in zip(plan, drafts, hists)])
+        return bool(self._drafted)
 
-    def verify(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
-        """Tokens to emit per request: accepted drafts, then one corrected or bonus token."""
-        if all(r.params.greedy for r in reqs):  # the rest needs probabilities and noise
-            return self._verify_greedy(reqs, rows_per_req, logits)
-        N, K1, V = len(reqs), max(rows_per_req), logits.shape[1]
-        dev = logits.device
-        counts = torch.tensor(rows_per_req, device=dev)
-        st = SamplingTensors.from_requests(reqs, V, dev)
-        starts = torch.cumsum(counts, 0) - counts
-        # Scatter the flat scored rows into [N, K+1] (padding rows repeat row 0; never read).
-        col = torch.arange(K1, device=dev)
-        idx = (starts[:, None] + col[None, :]).clamp(max=logits.shape[0] - 1)
-        valid = col[None, :] < counts[:, None]
-        idx = torch.where(valid, idx, starts[:, None])
-        padded_logits = logits[idx]  # [N, K+1, V]
-        target_argmax = padded_logits.argmax(-1)  # greedy rows of a mixed batch follow it
-        probs = processed_probs(padded_logits.reshape(N * K1, V),
-                                st.repeat(torch.full((N,), K1, device=dev))).reshape(N, K1, V)
-        flat = exponential_noise(reqs, V, dev, self.engine.default_generator, [K1] * N)
-        noise = SpecNoise(exp=flat.reshape(N, K1, V), uniform=torch.rand(N, K1 - 1, device=dev))
-        num_draft = counts - 1
-        drafts = torch.zeros(N, max(1, K1 - 1), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            d = r.spec_token_ids[:rows_per_req[i] - 1]
-            drafts[i, :len(d)] = torch.tensor(d, dtype=torch.long)
-        greedy = st.temperature <= 0
-        if K1 == 1:  # nobody drafted: rejection_sample still handles it, with K = 0
-            drafts = drafts[:, :0]
-        out = rejection_sample(probs, drafts.to(dev), num_draft, greedy=greedy, target_argmax=target_argmax,
-                               noise=noise)
-        return self._record(reqs, rows_per_req, out.tokens.tolist(), out.num_accepted.tolist())
+    # ---- verification, on the device -------------------------------------------------------
+    def verify(self, reqs: list[Request], inp, logits: torch.Tensor, want_logprobs: bool = False):
+        """Accept drafts exactly, without the host: returns, on the device, the newest token per
+        request (the next step's input), the drafts accepted (the next step's shift), the
+        emitted tokens padded, with the accepted count as a last column (one copy to the host),
+        and the logprob of each emitted token when asked."""
+        vr, drafts = inp.verify_rows, inp.draft_ids  # [N, K+1] rows of `logits`, [N, K] padded with -1
+        N, K1 = vr.shape
+        K = K1 - 1
+        if all(r.params.greedy for r in reqs):
+            emitted = logits.argmax(-1)[vr]  # argmax per scored row first: no [N, K+1, V] copy
+            acc = (emitted[:, :K] == drafts).long().cumprod(1).sum(1)
+        else:
+            V, dev = logits.shape[1], logits.device
+            scored = logits[vr]  # [N, K+1, V]
+            st = SamplingTensors.from_requests(reqs, V, dev)
+            probs = processed_probs(scored.reshape(N * K1, V),
+                                    st.repeat(torch.full((N,), K1, device=dev))).reshape(N, K1, V)
+            flat = exponential_noise(reqs, V, dev, self.engine.default_generator, [K1] * N,
+                                     offsets=inp.sample_offsets)
+            noise = SpecNoise(exp=flat.reshape(N, K1, V), uniform=torch.rand(N, K, device=dev))
+            out = rejection_sample(probs, drafts, (drafts >= 0).sum(1), greedy=st.temperature <= 0,
+                                   target_argmax=scored.argmax(-1), noise=noise)
+            emitted, acc = out.tokens, out.num_accepted
+        last = emitted.gather(1, acc[:, None]).squeeze(1)
+        packed = torch.cat([emitted, acc[:, None]], dim=1)
+        lp = None
+        if want_logprobs:
+            lp = logits.float().log_softmax(-1)[vr.reshape(-1), emitted.clamp(min=0).reshape(-1)].view(N, K1)
+        return last, acc, packed, lp
 
-    def _verify_greedy(self, reqs: list[Request], rows_per_req: list[int], logits: torch.Tensor) -> list[list[int]]:
-        """Greedy rows: a draft is accepted while it equals the target's argmax, and the argmax
-        after the last accepted draft is the bonus or corrected token. One device-to-host copy."""
-        top = logits.argmax(-1).tolist()
-        tokens, num_acc, row = [], [], 0
-        for r, n in zip(reqs, rows_per_req):
-            t = top[row:row + n]
-            row += n
-            a = 0
-            for d in r.spec_token_ids[:n - 1]:
-                if d != t[a]:
-                    break
-                a += 1
-            tokens.append(t)
-            num_acc.append(a)
-        return self._record(reqs, rows_per_req, tokens, num_acc)
-
-    def _record(self, reqs, rows_per_req, tokens, num_acc) -> list[list[int]]:
-        result = []
-        for i, r in enumerate(reqs):
-            proposed = rows_per_req[i] - 1
-            if proposed:
-                self.controller.record(r.request_id, proposed, num_acc[i], getattr(r, "job_id", None))
-                r.spec_proposed += proposed
-                r.spec_accepted += num_acc[i]
-                self.engine.counters["spec_proposed"] += proposed
-                self.engine.counters["spec_accepted"] += num_acc[i]
-                self.engine.counters["spec_verifications"] += 1
-            result.append(tokens[i][:num_acc[i] + 1])
-        return result
+    def record(self, r: Request, proposed: int, accepted: int, assumed: list[int], base: int) -> None:
+        """A verification's result reached the host. Drafts that continued tokens in flight
+        say something about acceptance only if those tokens came out as assumed."""
+        p = r.num_prompt_tokens
+        valid = not assumed or r.output_token_ids[base - p:base - p + len(assumed)] == assumed
+        self.controller.record(r.request_id, proposed, accepted, r.job_id, evidence=valid)
+        r.spec_proposed += proposed
+        r.spec_accepted += accepted
+        c = self.engine.counters
+        c["spec_proposed"] += proposed
+        c["spec_accepted"] += accepted
+        c["spec_verifications"] += 1
 
     def on_finished(self, req: Request) -> None:
-        self.proposer.on_finished(req.request_id, req.output_token_ids, getattr(req, "job_id", None))
+        self.proposer.on_finished(req.request_id, req.output_token_ids, req.job_id)
         self.controller.forget(req.request_id)
         self._guesses.pop(req.request_id, None)

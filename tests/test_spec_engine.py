@@ -224,31 +224,64 @@ def _decoding(rid: str, prompt: list[int], output: list[int]):
 
 
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_a_few_weak_matches_do_not_make_the_batch_draft(method):
+def test_drafts_go_only_to_requests_whose_history_matches(method):
     """The controller plans drafts for everyone on its prior; the proposer finds something to
-    copy for only 3 of 32 requests (open chat). A drafting step costs the whole batch its
-    overlap, so 3 hopeful requests must not buy it: no drafts this step. With most of the
-    batch copying, the same decision drafts."""
+    copy for only 3 of 32 requests (open chat). Only those can get drafts; with most of the
+    batch copying, the copying requests draft."""
     import random
     rng = random.Random(3)
     eng = tiny_engine("llama", speculative_method=method, num_speculative_tokens=4, prompt_lookup_min=2,
-                      async_scheduling=True)  # steps overlap, as on the GPU: drafting costs that
+                      async_scheduling=True)
     novel = lambda: rng.sample(range(1000, 9000), 40)  # noqa: E731  (no token repeats)
     seg = [7, 8, 9, 10, 11, 12]
-    # The newest token continues a repeated span, so the history before it matches too.
     copying = lambda: _decoding(f"c{rng.random()}", novel() + seg * 3, [7])  # noqa: E731
     chat = [copying() if i < 3 else _decoding(f"n{i}", novel(), [5]) for i in range(32)]
     assert sum(k for k in eng.spec.controller.choose_k([r.request_id for r in chat], [4] * 32,
                                                           forget_idle=False)) > 0  # the prior alone drafts
-    assert eng.spec.plan(chat) == []
+    eng.spec.draft_ahead(chat)
+    assert not any(r.spec_token_ids for r in chat[3:])
+    eng.spec.clear_drafts()
     copy = [copying() if i < 28 else _decoding(f"m{i}", novel(), [5]) for i in range(32)]
-    planned = eng.spec.plan(copy)
-    assert planned and {r.request_id for r, _ in planned} <= {r.request_id for r in copy[:28]}
+    eng.spec.draft_ahead(copy)
+    drafted = [r for r in copy if r.spec_token_ids]
+    assert drafted and set(drafted) <= set(copy[:28])
+    assert all(r.spec_token_ids == [8, 9, 10, 11][:len(r.spec_token_ids)] for r in drafted)
+    eng.spec.clear_drafts()
+    assert not any(r.spec_token_ids for r in copy)
+
+
+def _in_flight(rid: str, prompt: list[int], output: list[int]):
+    """A running request whose newest token is still being sampled on the device."""
+    from engine.llm_engine import PENDING
+    r = _decoding(rid, prompt, output + [PENDING])
+    r.num_pending = 1
+    return r
+
+
+def test_drafts_continue_the_tokens_in_flight_as_expected():
+    """With a plain step in flight, drafts start after the proposer's guess at its token; with a
+    drafting step in flight, after its drafts (all accepted) and the guess after them. A
+    proposer that no longer proposes the drafts in flight gives no drafts."""
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=3, async_scheduling=True,
+                      adaptive_speculation=False)
+    seg = [7, 8, 9, 10, 11, 12]
+    plain = _in_flight("p", [1, 2] + seg * 3, [7])  # known: ... 7; in flight: (8)
+    chained = _in_flight("c", [3, 4] + seg * 3, [7])
+    chained.inflight_drafts = [8, 9]  # in flight: 8, 9 and one more (10)
+    chained.num_unverified = 2
+    lost = _in_flight("l", [5, 6] + seg * 3, [7])
+    lost.inflight_drafts = [8, 99]  # drafts the proposer would not make now
+    lost.num_unverified = 2
+    eng.spec.draft_ahead([plain, chained, lost])
+    assert plain.spec_assumed == [8] and plain.spec_token_ids == [9, 10, 11]
+    assert chained.spec_assumed == [8, 9, 10] and chained.spec_token_ids == [11, 12, 7]
+    assert lost.spec_token_ids == []
+    assert plain.spec_base == plain.num_tokens - 1  # the history they follow: all known tokens
 
 
 def test_large_batches_skip_planning_when_drafts_cannot_pay():
     """At batch 256 the cost model says verifying extra rows never pays, even with every draft
-    accepted: plan returns nothing without asking the proposer (host time per step)."""
+    accepted: no drafts, without asking the proposer (host time per step)."""
     eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4)
     calls = []
     real = eng.spec.proposer.propose
@@ -256,39 +289,43 @@ def test_large_batches_skip_planning_when_drafts_cannot_pay():
     seg = [7, 8, 9, 10, 11, 12]
     big = [_decoding(f"b{i}", seg * 4, [7]) for i in range(256)]
     assert not eng.spec.controller.can_pay(256) and eng.spec.controller.can_pay(1)
-    assert eng.spec.plan(big) == [] and calls == []
-    assert eng.spec.plan(big[:1]) and calls
+    eng.spec.draft_ahead(big)
+    assert not any(r.spec_token_ids for r in big) and calls == []
+    eng.spec.draft_ahead(big[:1])
+    assert big[0].spec_token_ids and calls
 
 
 def test_lookahead_guesses_are_scored_once_their_token_is_known():
-    """The lookahead's first draft token is a guess at the request's next token; when that
-    token arrives, the guess counts as one acceptance trial for free (no verification). A
-    request whose guesses keep failing loses the prior's optimism; one whose guesses hold
-    gains."""
+    """The lookahead's first token is a guess at the token in flight; when that token arrives,
+    the guess counts as one acceptance trial for free (no verification). A request whose
+    guesses keep failing loses the prior's optimism; one whose guesses hold gains."""
     eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
     ctl = eng.spec.controller
     seg = [7, 8, 9, 10, 11, 12]
-    good, bad = _decoding("good", [1, 2] + seg * 3, [7]), _decoding("bad", [3, 4] + seg * 3, [7])
+    good, bad = _in_flight("good", [1, 2] + seg * 3, [7]), _in_flight("bad", [3, 4] + seg * 3, [7])
     for i in range(6):
-        eng.spec.plan([good, bad])
-        for r, nxt in ((good, r_next(good)), (bad, 99 + i)):  # bad never continues the span
-            r.output_token_ids.append(nxt)
+        eng.spec.draft_ahead([good, bad])
+        eng.spec.clear_drafts()
+        for r, nxt in ((good, r_next(good, 2)), (bad, 99 + i)):  # bad never continues the span
+            r.output_token_ids[-1] = nxt  # the token in flight lands; the next one goes in flight
+            r.output_token_ids.append(-1)
             r.num_computed_tokens += 1
-    eng.spec.plan([good, bad])
+    eng.spec.draft_ahead([good, bad])
     assert ctl.acceptance("good") > ctl.prior > ctl.acceptance("bad")
     assert ctl.stats.proposed == 0  # guesses are not drafts: the metrics do not count them
 
 
-def r_next(r) -> int:
-    """The token that continues the repeating span at the end of r's history."""
+def r_next(r, back: int = 1) -> int:
+    """The token that continues the repeating span at the end of r's history (`back`: the
+    position from the end of the newest known token)."""
     seg = [7, 8, 9, 10, 11, 12]
-    return seg[(seg.index(r.output_token_ids[-1]) + 1) % len(seg)]
+    return seg[(seg.index(r.output_token_ids[-back]) + 1) % len(seg)]
 
 
 def test_requests_without_evidence_earn_drafts_through_probed_guesses():
     """When drafting looks too costly on the prior alone (a learned high overhead), nobody
     drafts, so no verification evidence could ever arrive. Every few steps the lookahead
-    guesses anyway; a request whose guesses keep coming true is then planned for drafts."""
+    guesses anyway; a request whose guesses keep coming true is then given drafts."""
     eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
     ctl = eng.spec.controller
     ctl._sync[ctl.bucket(1)] = 1.6  # as if learned: a drafting step costs 2.6 plain steps
@@ -297,7 +334,9 @@ def test_requests_without_evidence_earn_drafts_through_probed_guesses():
     assert ctl.choose_k(["copy"], [4], forget_idle=False) == [0]
     planned = []
     for _ in range(40):
-        planned.append(bool(eng.spec.plan([r])))
+        eng.spec.draft_ahead([r])
+        planned.append(bool(r.spec_token_ids))
+        eng.spec.clear_drafts()
         r.output_token_ids.append(r_next(r))
         r.num_computed_tokens += 1
     assert not planned[0] and planned[-1]
@@ -320,3 +359,90 @@ def test_governor_notices_when_the_workload_turns_copyable():
     assert run(300, 100).count(True) < 60  # chat: mostly plain
     later = run(60, 900)  # copyable: speculation triples the rate
     assert later[-30:].count(True) >= 25
+
+
+def _eager_drafter(method: str, **kw):
+    """An engine whose controller drafts wherever the proposer finds something: the tiny random
+    model continues copied spans only by chance, and these tests are about exactness."""
+    eng = tiny_engine("llama", speculative_method=method, num_speculative_tokens=4, async_scheduling=True, **kw)
+    ctl = eng.spec.controller
+    ctl.sync_factor = ctl.max_sync = 0.0
+    ctl.min_gain = 0.0
+    ctl.prior = 0.95
+    eng.spec.governor = None
+    return eng
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_drafting_steps_keep_the_overlap_and_stay_exact(method):
+    """Drafts continue the tokens of the step in flight; the host never waits for that step
+    (no step is finished before the next one launched), drafts that followed a wrong guess are
+    rejected, and drafts that followed the right one are accepted: output equals plain."""
+    prompts = copy_heavy_prompts(10) + mixed_prompts(6, 256, 20, 40, seed=5)
+    sp = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, sp)
+    eng = _eager_drafter(method)
+    early, chained = [], []
+    finish, record = eng._finish, eng.spec.record
+
+    def spy_finish(fl):
+        early.append(fl is eng._inflight)
+        return finish(fl)
+
+    def spy_record(r, k, a, assumed, base):
+        chained.append((len(assumed), a))
+        return record(r, k, a, assumed, base)
+    eng._finish, eng.spec.record = spy_finish, spy_record
+    out = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert not any(early)
+    assert any(n and a for n, a in chained)  # drafts after tokens in flight, accepted
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert all(r.num_unverified == 0 for r in eng.scheduler.running)
+
+
+def test_overlapped_drafting_keeps_seeded_sampling_and_logprobs():
+    """Seeded sampling keys its noise by output position; with drafts accepted by a step still in
+    flight, the next step's positions are known only on the device, and the noise must follow
+    them. Logprobs come back for every token, drafted or not."""
+    prompts = copy_heavy_prompts(6)
+    params = [SamplingParams(max_tokens=24, temperature=0.3, top_k=20, seed=100 + i, ignore_eos=True,
+                             logprobs=True) for i in range(len(prompts))]
+    plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, params)
+    eng = _eager_drafter("ngram", prompt_lookup_min=1)
+    spec = run_engine(eng, prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_accepted"] > 0
+    import torch
+    for o, p in zip(spec, plain):
+        assert len(o.logprobs) == len(o.token_ids)
+        assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(p.logprobs), atol=1e-4)
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=True)
+    g_plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, greedy)
+    g_spec = run_engine(_eager_drafter("suffix"), prompts, greedy)
+    for o, p in zip(g_spec, g_plain):
+        assert o.token_ids == p.token_ids and len(o.logprobs) == len(o.token_ids)
+        assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(p.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_overlapped_drafting_under_preemption_and_stops(method):
+    """A small pool preempts requests whose drafts are in flight; stop tokens and max_tokens
+    end requests while drafts are in flight. Output equals plain decoding, no block leaks."""
+    prompts = copy_heavy_prompts(16)
+    plain_eng = tiny_engine("llama", async_scheduling=True, num_gpu_blocks_override=40, max_num_batched_tokens=128)
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    plain = run_engine(plain_eng, prompts, sp)
+    eng = _eager_drafter(method, num_gpu_blocks_override=40, max_num_batched_tokens=128)
+    out = run_engine(eng, prompts, sp)
+    assert eng.scheduler.num_preemptions > 0 and eng.stats()["spec_accepted"] > 0
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert eng.block_manager.num_free_blocks == 40
+    stop_at = plain[0].token_ids[9]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[stop_at]),
+              *[SamplingParams(max_tokens=3 + i, temperature=0, ignore_eos=True) for i in range(7)]]
+    out = run_engine(eng, prompts[:8], params)
+    assert out[0].token_ids == plain[0].token_ids[:plain[0].token_ids.index(stop_at) + 1]
+    for i, o in enumerate(out[1:], start=1):
+        assert o.token_ids == plain[i].token_ids[:3 + i - 1] and o.finish_reason == "length"
+    assert eng.block_manager.num_free_blocks == 40

@@ -183,24 +183,27 @@ class SpecController:
         return min(a, 0.99)
 
     def choose_k(self, request_ids: list[str], max_k: list[int] | None = None,
-                 forget_idle: bool = True) -> list[int]:
+                 forget_idle: bool = True, discount: list[float] | None = None) -> list[int]:
         """k per request for this step. `max_k` caps per request (room left before
         max_tokens / max_model_len, proposer limits; 0 for a request with nothing to draft).
-        `forget_idle=False` for a second look at the same step (no extra fading)."""
+        `forget_idle=False` for a second look at the same step (no extra fading).
+        `discount`: per request, the chance its drafts hold at all (drafts that continue
+        tokens still in flight hold only if those come out as expected)."""
         B = len(request_ids)
         if B == 0:
             return []
         caps = [min(self.max_k, m) for m in max_k] if max_k is not None else [self.max_k] * B
-        k = self._allocate([self.acceptance(rid) for rid in request_ids], caps)
+        k = self._allocate([self.acceptance(rid) for rid in request_ids], caps, discount)
         if forget_idle:
             self._forget_idle(request_ids, k)
         return k
 
-    def _allocate(self, acceptance: list[float], caps: list[int]) -> list[int]:
+    def _allocate(self, acceptance: list[float], caps: list[int],
+                  discount: list[float] | None = None) -> list[int]:
         B = len(acceptance)
         gains: list[tuple[float, int]] = []  # (marginal expected tokens, request index)
         for i, a in enumerate(acceptance):
-            g = 1.0
+            g = discount[i] if discount is not None else 1.0
             for _ in range(max(0, caps[i])):
                 g *= a
                 gains.append((g, i))
@@ -229,10 +232,18 @@ class SpecController:
                 s.acc *= self.idle_decay
                 s.trials *= self.idle_decay
 
-    def record(self, request_id: str, proposed: int, accepted: int, job_id: str | None = None) -> None:
-        """After verification: `proposed` drafts were verified, `accepted` of them passed."""
+    def record(self, request_id: str, proposed: int, accepted: int, job_id: str | None = None,
+               evidence: bool = True) -> None:
+        """After verification: `proposed` drafts were verified, `accepted` of them passed.
+        `evidence=False`: counted in the stats, but the drafts followed a wrong assumption
+        about the tokens before them, so they say nothing about this request's acceptance."""
         if proposed <= 0:
             return  # no evidence (k = 0 or the proposer found nothing)
+        self.stats.add(proposed, accepted)
+        if job_id is not None:
+            self.job_stats.setdefault(job_id, SpecStats()).add(proposed, accepted)
+        if not evidence:
+            return
         s = self._acc.setdefault(request_id, _Acc())
         # Per-token acceptance is a geometric trial: accepted successes, plus one failure if
         # it stopped early. accepted/proposed would understate a for larger k.
@@ -240,9 +251,6 @@ class SpecController:
         s.acc = self.decay * s.acc + accepted
         s.trials = self.decay * s.trials + trials
         self._add_recent(accepted, trials)
-        self.stats.add(proposed, accepted)
-        if job_id is not None:
-            self.job_stats.setdefault(job_id, SpecStats()).add(proposed, accepted)
 
     def record_guess(self, request_id: str, hit: bool) -> None:
         """Free evidence: the proposer's guess for a token the request has since produced
