@@ -1,24 +1,90 @@
-"""Host-side profile of speculative steps on the GPU (diagnostics; prints the top functions).
+"""Where a speculating step's time goes, on the GPU (diagnostics, no results file): per step,
+the host time of each phase (drafting, scheduling, input preparation, the forward's launch,
+sampling or verification, waiting for the step in flight, finishing), the GPU's kernel time,
+and the step period, for speculation off and on.
 
-    python -m bench.profile_spec --model smollm2 --batch 8
+    python -m bench.profile_spec --batch 1,32 --method ngram
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
 import random
 import time
+from collections import defaultdict
 
 import torch
+
+
+def _timed(obj, name: str, acc: dict, label: str | None = None) -> None:
+    fn = getattr(obj, name)
+
+    def wrapper(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[label or name] += time.perf_counter() - t0
+    setattr(obj, name, wrapper)
+
+
+def profile_engine(eng, prompts, max_tokens: int) -> dict:
+    import engine.llm_engine as le
+    from bench.spec import run_mode
+    acc: dict[str, float] = defaultdict(float)
+    _timed(eng.scheduler, "schedule", acc)
+    _timed(eng.runner, "prepare", acc)
+    _timed(eng.runner, "forward", acc)
+    _timed(eng, "_finish", acc, "finish (incl. wait)")
+    if eng.spec is not None:
+        _timed(eng.spec, "draft_ahead", acc)
+        _timed(eng.spec, "verify", acc)
+    real_sample, real_wait = le.sample, le._Inflight.wait
+
+    def sample(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return real_sample(*a, **kw)
+        finally:
+            acc["sample"] += time.perf_counter() - t0
+
+    def wait(self):
+        t0 = time.perf_counter()
+        try:
+            return real_wait(self)
+        finally:
+            acc["wait"] += time.perf_counter() - t0
+    le.sample, le._Inflight.wait = sample, wait
+    try:
+        steps0 = eng.counters["steps"]
+        fig, _ = run_mode(eng, prompts, max_tokens)
+        steps = eng.counters["steps"] - steps0
+        gpu_us, gsteps = 0.0, 0
+        if torch.cuda.is_available():
+            from torch.profiler import ProfilerActivity, profile
+            s1 = eng.counters["steps"]
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run_mode(eng, prompts, max_tokens)
+            gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+            gsteps = eng.counters["steps"] - s1
+    finally:
+        le.sample, le._Inflight.wait = real_sample, real_wait
+    out = {"tok_s": round(fig["tok_s"], 1), "tokens_per_step": round(fig["tok_s"] * fig["elapsed_s"] / steps, 2),
+           "period_ms": round(1e3 * fig["elapsed_s"] / steps, 3), "gpu_ms": round(gpu_us / 1e3 / max(1, gsteps), 3)}
+    # (the profiled pass counts too in acc: per step over both passes)
+    for k, v in sorted(acc.items()):
+        out[f"{k}_ms"] = round(1e3 * v / (steps + gsteps), 3)
+    return out
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", default="1,32")
     ap.add_argument("--method", default="ngram")
+    ap.add_argument("--workload", default="extract")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-tokens", type=int, default=128)
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -26,28 +92,20 @@ def main(argv=None) -> None:
     from engine.model_source import resolve_model
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
-    wl = workloads(args.batch, random.Random(0))
+    batches = [int(b) for b in args.batch.split(",")]
+    wl = workloads(max(batches), random.Random(0))
     prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False) for m in wl["extract"][:args.batch]]
-    kw = dict(model=path, tokenizer=tok, device="cuda", dtype=args.dtype, max_num_seqs=256, max_model_len=2048,
+                          add_special_tokens=False) for m in wl[args.workload]]
+    kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, max_num_seqs=256, max_model_len=2048,
               num_gpu_blocks_override=8192)
     for label, extra in (("off", {}), (args.method, dict(speculative_method=args.method, num_speculative_tokens=4))):
         eng = make_engine(dict(kw, **extra))
-        for rep in range(2):  # the second repetition is warm
-            pr = cProfile.Profile()
-            pr.enable()
-            t0 = time.monotonic()
-            fig, _ = run_mode(eng, prompts, 128)
-            pr.disable()
-            print(f"== {label} rep {rep}: {fig} in {time.monotonic() - t0:.2f}s, timings {eng.timings}")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
-        # Device side: which kernels the steps spend their GPU time in.
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            run_mode(eng, prompts, 32)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+        for b in batches:
+            run_mode(eng, prompts[:b], args.max_tokens // 2)  # warm: indexes, the governor's first samples
+            print(f"== {label} b={b}: {profile_engine(eng, prompts[:b], args.max_tokens)}", flush=True)
         del eng
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

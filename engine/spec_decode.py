@@ -190,6 +190,7 @@ class SpecDecoder:
         caps = [0] * len(reqs)
         for i, f in zip(planned, found):
             caps[i] = len(f[0])
+            disc[i] = self.controller.acceptance(ids[i]) ** len(f[1])
         if not any(caps):
             return
         ks = self.controller.choose_k(ids, caps, forget_idle=False, discount=disc)
@@ -209,7 +210,8 @@ class SpecDecoder:
         """(drafts, assumed tokens, history length) per request, from the tokens on the host.
         A request with a step in flight gets drafts that continue what that step is expected
         to produce: its drafts, all accepted (the proposer, asked for more tokens, must still
-        propose them), then the proposer's guess at the token after them. That guess is scored
+        propose them; where it now proposes something else, the drafts up to there and its token
+        instead), then the proposer's guess at the token after them. That guess is scored
         for free once the token is known (`_score_guesses`): acceptance evidence for requests
         that do not draft, and the only evidence a request drafting nothing gets."""
         hists, wants = [], []
@@ -230,13 +232,19 @@ class SpecDecoder:
                     self._guesses[r.request_id] = (len(h), f[0])
                 out.append((f[:k], [], len(h)))
                 continue
-            m = len(r.inflight_drafts)
-            if len(f) <= m or f[:m] != r.inflight_drafts:
+            # The step in flight is expected to accept its drafts as far as the proposer, with
+            # the history it has now, would still propose them, and then to emit the proposer's
+            # next token (the bonus, or the correction of the first draft it no longer agrees with).
+            d = r.inflight_drafts
+            j = 0
+            while j < len(d) and j < len(f) and f[j] == d[j]:
+                j += 1
+            if j >= len(f):
                 out.append(([], [], len(h)))
                 continue
-            if m == 0:
+            if not d:
                 self._guesses[r.request_id] = (len(h), f[0])
-            out.append((f[m + 1:m + 1 + k], f[:m + 1], len(h)))
+            out.append((f[j + 1:j + 1 + k], f[:j + 1], len(h)))
         return out
 
     def _score_guesses(self, reqs: list[Request]) -> None:

@@ -17,3 +17,36 @@ def test_bulk_indexing_builds_the_same_tables_as_token_by_token():
     for n in bulk.lengths:
         norm = lambda table: {k: [v] if isinstance(v, int) else v[-4:] for k, v in table.items()}  # noqa: E731
         assert norm(bulk.tables[n]) == norm(step.tables[n]), n
+
+
+def test_finished_sequences_index_like_the_token_loop_and_only_when_read():
+    """A job's finished outputs are indexed in bulk (`append_sequence`), giving the same tables
+    as the token-by-token loop over output + SEP; and only when a proposal reads the job's
+    index, so a large batch that never drafts never pays for it. Eviction keeps the newest."""
+    import random
+
+    from engine.spec.suffix import SEP, SuffixIndex, _JobIndex
+    rng = random.Random(5)
+    words = [rng.randrange(40) for _ in range(15)]
+    seqs = [[rng.choice(words) for _ in range(rng.randrange(1, 90))] for _ in range(30)]
+    bulk, step = SuffixIndex(32, 4), SuffixIndex(32, 4)
+    for s in seqs:
+        bulk.append_sequence(s)
+        step.append(s + [SEP], index_last=True)
+    assert bulk.tokens == step.tokens and bulk.indexed_to == step.indexed_to
+    norm = lambda table: {k: [v] if isinstance(v, int) else v[-4:] for k, v in table.items()}  # noqa: E731
+    for n in bulk.lengths:
+        assert norm(bulk.tables[n]) == norm(step.tables[n]), n
+    job = _JobIndex(max_tokens=600, max_depth=32, max_occ=4)
+    for s in seqs:
+        job.add(s)
+    assert len(job._index) == 0  # nothing indexed until read
+    kept = list(job.seqs)
+    assert sum(len(s) + 1 for s in kept) <= 600 and kept == seqs[len(seqs) - len(kept):]
+    ref = SuffixIndex(32, 4)
+    for s in kept:
+        ref.append(s + [SEP], index_last=True)
+    idx = job.index
+    assert idx.tokens == ref.tokens
+    for n in idx.lengths:
+        assert norm(idx.tables[n]) == norm(ref.tables[n]), n

@@ -94,27 +94,48 @@ class SuffixIndex:
         the n-grams come from zip over shifted slices (C speed), so a 1,000-token prompt
         costs one dict update per (n-gram, length) and no slicing. Same tables as the
         token-by-token loop."""
-        t, b, cap = self.tokens, self.base, 2 * self.max_occ
+        t, b = self.tokens, self.base
         for n in self.lengths:
             i0, i1 = max(self.indexed_to - b, n - 1), stop - b
             if i0 >= i1:
                 continue
             grams = zip(*(t[i0 - n + 1 + j:i1 - n + 1 + j] for j in range(n)))
-            table = self.tables[n]
-            get = table.get
-            # The insert below repeats append's on purpose: a helper call per n-gram would
-            # cost this loop a third of its speed.
-            for g, e in zip(grams, range(i0 + b, i1 + b)):
-                occ = get(g)
-                if occ is None:
-                    table[g] = e
-                elif type(occ) is int:
-                    table[g] = [occ, e]
-                else:
-                    occ.append(e)
-                    if len(occ) > cap:
-                        del occ[: len(occ) - self.max_occ]
+            self._insert_all(self.tables[n], grams, range(i0 + b, i1 + b))
         self.indexed_to = max(self.indexed_to, stop)
+
+    def _insert_all(self, table: dict, grams, ends) -> None:
+        """Record each n-gram's end position (one length's table). The insert repeats
+        `append`'s on purpose: a helper call per n-gram would cost this loop a third of its
+        speed; one call per length is noise."""
+        get, cap = table.get, 2 * self.max_occ
+        for g, e in zip(grams, ends):
+            occ = get(g)
+            if occ is None:
+                table[g] = e
+            elif type(occ) is int:
+                table[g] = [occ, e]
+            else:
+                occ.append(e)
+                if len(occ) > cap:
+                    del occ[: len(occ) - self.max_occ]
+
+    def append_sequence(self, seq: list[int]) -> None:
+        """Add a finished sequence and a SEP after it, every position of it indexed (its last
+        token's follower is the SEP). N-grams never reach back across the SEP before it, so
+        each length is indexed in bulk over the sequence alone; same tables as `append`."""
+        if SEP in seq:
+            raise ValueError("a sequence may not contain the separator")
+        t, b = self.tokens, self.base
+        start = b + len(t)  # absolute position of seq[0]
+        t.extend(seq)
+        self.has_sep = True
+        for n in self.lengths:
+            if n > len(seq):
+                break
+            grams = zip(*(seq[j:len(seq) - n + 1 + j] for j in range(n)))
+            self._insert_all(self.tables[n], grams, range(start + n - 1, start + len(seq)))
+        t.append(SEP)
+        self.indexed_to = b + len(t)
 
     def match(
         self,
@@ -182,13 +203,19 @@ class SuffixIndex:
 
 class _JobIndex:
     """Outputs of one job, capped at `max_tokens`; oldest outputs are evicted by rebuilding
-    from the kept ones (amortised O(#lengths) per token since we evict down to 3/4 cap)."""
+    from the kept ones (amortised O(#lengths) per token since we evict down to 3/4 cap).
+
+    Finished outputs are queued and indexed only when a proposal reads the index: at batch
+    sizes where nobody drafts (a large batch finishing hundreds of requests per second),
+    indexing them would cost host time on every step for nothing."""
 
     def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
         self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
         self.seqs: deque[list[int]] = deque()
         self.size = 0
-        self.index = SuffixIndex(max_depth, max_occ)
+        self._index = SuffixIndex(max_depth, max_occ)
+        self._queued: list[list[int]] = []
+        self._rebuild = False
 
     def add(self, output: list[int]) -> None:
         output = list(output[-self.max_tokens:])
@@ -199,11 +226,19 @@ class _JobIndex:
         if self.size > self.max_tokens:
             while self.seqs and self.size > (3 * self.max_tokens) // 4:
                 self.size -= len(self.seqs.popleft()) + 1
-            self.index = SuffixIndex(self.max_depth, self.max_occ)
-            for s in self.seqs:
-                self.index.append(s + [SEP], index_last=True)
-        else:
-            self.index.append(output + [SEP], index_last=True)
+            self._rebuild, self._queued = True, []
+        elif not self._rebuild:
+            self._queued.append(output)
+
+    @property
+    def index(self) -> "SuffixIndex":
+        if self._rebuild:
+            self._index = SuffixIndex(self.max_depth, self.max_occ)
+            self._queued, self._rebuild = list(self.seqs), False
+        for seq in self._queued:
+            self._index.append_sequence(seq)
+        self._queued = []
+        return self._index
 
 
 class SuffixProposer:
