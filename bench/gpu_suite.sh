@@ -10,7 +10,8 @@
 #   w: Qwen3-shape prefix bench, then workload b with a pool of 2% of prompt tokens
 #   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32    v: spec bench only
 #   o: spec bench on every workload, then the cascade + speculation GPU check
-# Phases that need SmolLM2 (b, c, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
+#   h: per-phase host profile of speculating steps (SmolLM2)
+# Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -133,6 +134,11 @@ o)  # SmolLM2: spec bench (every workload), then the GPU check of cascade + spec
   log "cascade + spec GPU check"
   timeout ${CHECK_TIMEOUT:-150} python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k cascade > "$OUT/cascade-check.log" 2>&1
   tail -c 1200 "$OUT/cascade-check.log"
+  ;;
+h)  # SmolLM2: per-phase host profile of speculating steps (n-gram, then suffix)
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram 2>&1 | grep "^== "
+  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH2:-32,256} --method suffix 2>&1 | grep "^== "
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
