@@ -161,8 +161,7 @@ class ModelRunner:
         T = int(lens.sum())
         prev_offsets = prev.offsets if prev is not None else None
         ids: list[int] = []
-        gather_at: list[int] = []
-        gather_from: list[int] = []
+        gathered: list[tuple[int, int]] = []  # (flat token, row of the step in flight) for placeholders
         shifted: list[tuple[int, int, int, int]] = []  # (request, first token, tokens, offset row)
         sample_rows, rows_per_req, logit_idx = [], [], []
         drafts: list[list[int]] = []
@@ -176,8 +175,7 @@ class ModelRunner:
             else:
                 ids.extend(r.token_slice(s, s + n))
             if r.num_pending and s <= ntok - 1 < s + n:  # the newest token is still on the device
-                gather_at.append(cu + ntok - 1 - s)
-                gather_from.append(r.pending_row)
+                gathered.append((cu + ntok - 1 - s, r.pending_row))
                 if prev_offsets is not None:
                     shifted.append((i, cu, n, r.pending_row))
             end = s + n
@@ -222,20 +220,28 @@ class ModelRunner:
         # is made from host-side context lengths, so not where the device shifts them.
         if q_max == 1 and not shifted and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
             plan = plan_cascade(table, ctx, self.block_size)
-        # Shifts: for each shifted token, its table row and offset row; for each attention row
-        # whose context grows, the same.
-        sh_tok, sh_tab, sh_src, sh_ctx, sh_ctx_src = [], [], [], [], []
-        for i, c0, n, src in shifted:
-            sh_tok.extend(range(c0, c0 + n))
-            sh_src.extend([src] * n)
-            if as_decode:
-                sh_tab.extend(range(c0, c0 + n))
-                sh_ctx.extend(range(c0, c0 + n))
-                sh_ctx_src.extend([src] * n)
-            else:
-                sh_tab.extend([i] * n)
-                sh_ctx.append(i)
-                sh_ctx_src.append(src)
+        # What the step in flight patches in (one kernel, `ops.patch_step_inputs`): per flat
+        # token, the row to take its input id from and the row whose accepted drafts shift it
+        # (with its block-table row, to recompute its slot); per attention row and per sampling
+        # request, the row that shifts its context or sampling position.
+        patch = []
+        if gathered:
+            g = np.full(T, -1, dtype=np.int64)
+            at, src = zip(*gathered)
+            g[list(at)] = src
+            patch.append(g)
+            if shifted:
+                sh = np.full(T, -1, dtype=np.int64)
+                csh = np.full(B_rows, -1, dtype=np.int64)
+                for i, c0, n, src in shifted:
+                    sh[c0:c0 + n] = src
+                    if as_decode:
+                        csh[c0:c0 + n] = src
+                    else:
+                        csh[i] = src
+                ssh = np.asarray([reqs[i].pending_row if reqs[i].num_pending else -1 for i in sample_rows],
+                                 dtype=np.int64)
+                patch += [sh, np.arange(T) if as_decode else row, csh, ssh]
         # Verification: drafts per sampling request, and the scored rows of each ([N, K+1],
         # padded with the request's last row).
         K = max(rows_per_req, default=1) - 1
@@ -250,14 +256,9 @@ class ModelRunner:
                 vidx[j] = r0 + np.minimum(np.arange(K + 1), nr - 1)
                 r0 += nr
             ver = [d.ravel(), vidx.ravel()]
-        samp_src = []
-        if prev_offsets is not None:
-            samp_src = [reqs[i].pending_row if reqs[i].num_pending else -1 for i in sample_rows]
         # One host-to-device copy for everything; the pieces are views of it.
         parts = [np.asarray(ids, dtype=np.int64), pos, slots, ctx, cu_q, np.asarray(logit_idx, dtype=np.int64),
-                 table.ravel(), np.asarray(gather_at, dtype=np.int64), np.asarray(gather_from, dtype=np.int64),
-                 *(np.asarray(x, dtype=np.int64) for x in (sh_tok, sh_tab, sh_src, sh_ctx, sh_ctx_src, samp_src))]
-        parts += ver
+                 table.ravel(), *patch, *ver]
         n_fixed = len(parts)
         if plan is not None:
             parts += [plan.prefix_tables.ravel(), plan.prefix_lens, plan.group_cu, plan.order,
@@ -265,25 +266,20 @@ class ModelRunner:
         flat = _to(np.concatenate(parts).astype(np.int64, copy=False), dev)
         sizes = [len(p) for p in parts]
         pieces = torch.split(flat, sizes)
-        input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t, g_at, g_from = pieces[:9]
-        if gather_at:
-            input_ids[g_at] = prev.tokens[g_from]
+        input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t = pieces[:7]
+        pieces = pieces[7:]
         sample_offsets = None
-        if shifted:
-            t_tok, t_tab, t_src, t_ctx, t_ctx_src = pieces[9:14]
-            p_new = pos_t[t_tok] + prev_offsets[t_src]
-            pos_t[t_tok] = p_new
-            tbl = table_t.view(B_rows, max_blocks)
-            bs = self.block_size
-            slots_t[t_tok] = tbl[t_tab, p_new // bs].to(torch.int64) * bs + p_new % bs
-            ctx_t[t_ctx] += prev_offsets[t_ctx_src]
-        if samp_src:
-            src = pieces[14]
-            sample_offsets = torch.where(src >= 0, prev_offsets[src.clamp(min=0)], torch.zeros_like(src))
+        if patch:
+            p_t = pieces[:len(patch)]
+            pieces = pieces[len(patch):]
+            if shifted:
+                sample_offsets = torch.empty(len(sample_rows), dtype=torch.int64, device=dev)
+            ops.patch_step_inputs(input_ids, pos_t, slots_t, ctx_t, sample_offsets, table_t.view(B_rows, max_blocks),
+                                  self.block_size, prev.tokens, prev_offsets if shifted else None, *p_t)
         draft_t = vidx_t = None
         if K:
-            draft_t = pieces[15].view(-1, K)
-            vidx_t = pieces[16].view(-1, K + 1)
+            draft_t = pieces[0].view(-1, K)
+            vidx_t = pieces[1].view(-1, K + 1)
         cascade = None
         if plan is not None:
             # The plan's pieces sit at the end of the copy: one int32 conversion for all six.

@@ -24,6 +24,7 @@ from engine.sampler import SamplingTensors, exponential_noise, processed_probs
 from engine.spec import NgramProposer, SpecController, SuffixProposer, rejection_sample
 from engine.spec.adaptive import batch_bucket
 from engine.spec.rejection import SpecNoise
+from kernels import ops
 
 
 def make_proposer(engine):
@@ -298,8 +299,9 @@ class SpecDecoder:
         N, K1 = vr.shape
         K = K1 - 1
         if all(r.params.greedy for r in reqs):
-            emitted = logits.argmax(-1)[vr]  # argmax per scored row first: no [N, K+1, V] copy
-            acc = (emitted[:, :K] == drafts).long().cumprod(1).sum(1)
+            # argmax per scored row first (no [N, K+1, V] copy), then one kernel for the rest
+            last, acc, packed = ops.greedy_accept(logits.argmax(-1), vr, drafts)
+            emitted = packed[:, :K1]
         else:
             V, dev = logits.shape[1], logits.device
             scored = logits[vr]  # [N, K+1, V]
@@ -312,8 +314,8 @@ class SpecDecoder:
             out = rejection_sample(probs, drafts, (drafts >= 0).sum(1), greedy=st.temperature <= 0,
                                    target_argmax=scored.argmax(-1), noise=noise)
             emitted, acc = out.tokens, out.num_accepted
-        last = emitted.gather(1, acc[:, None]).squeeze(1)
-        packed = torch.cat([emitted, acc[:, None]], dim=1)
+            last = emitted.gather(1, acc[:, None]).squeeze(1)
+            packed = torch.cat([emitted, acc[:, None]], dim=1)
         lp = None
         if want_logprobs:
             lp = logits.float().log_softmax(-1)[vr.reshape(-1), emitted.clamp(min=0).reshape(-1)].view(N, K1)

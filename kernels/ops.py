@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from kernels import activation, cascade_attention, decode_attention, extend_attention, kv_write, rmsnorm, rotary
+from kernels import (activation, cascade_attention, decode_attention, extend_attention, kv_write, rmsnorm, rotary,
+                     step_inputs)
 from kernels.rotary import build_rope_cache  # noqa: F401  (plain torch, no dispatch)
 
 
@@ -43,3 +44,5 @@ fused_add_rms_norm = _dispatch(rmsnorm.fused_add_rms_norm, rmsnorm.fused_add_rms
 apply_rotary = _dispatch(rotary.apply_rotary, rotary.apply_rotary_ref)
 silu_and_mul = _dispatch(activation.silu_and_mul, activation.silu_and_mul_ref)
 concat_block_tables = cascade_attention.concat_block_tables
+patch_step_inputs = _dispatch(step_inputs.patch_step_inputs, step_inputs.patch_step_inputs_ref)
+greedy_accept = _dispatch(step_inputs.greedy_accept, step_inputs.greedy_accept_ref)

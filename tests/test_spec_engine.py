@@ -447,3 +447,16 @@ def test_overlapped_drafting_under_preemption_and_stops(method):
     for i, o in enumerate(out[1:], start=1):
         assert o.token_ids == plain[i].token_ids[:3 + i - 1] and o.finish_reason == "length"
     assert eng.block_manager.num_free_blocks == 40
+
+
+def test_overlapped_drafting_through_the_triton_kernels(monkeypatch):
+    """The same run with every op on its Triton kernel (interpreted on the CPU): the patch of the
+    next step's inputs and the greedy acceptance kernel give the plain run's output."""
+    monkeypatch.setenv("PREFIXQ_KERNELS", "triton")
+    prompts = copy_heavy_prompts(4)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, sp)
+    eng = _eager_drafter("ngram")
+    out = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_accepted"] > 0
