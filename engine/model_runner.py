@@ -101,6 +101,9 @@ class ModelRunner:
         self.graph_bufs: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
+        if self.device.type == "cuda":
+            from kernels import step_inputs
+            step_inputs.warm_up(self.device, config.num_speculative_tokens if config.speculative_method else 0)
 
     # ---- KV pool ---------------------------------------------------------
     @property

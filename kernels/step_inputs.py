@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R", "S", "MB"])  # they change every step: no recompiles
 def _patch_kernel(ids_ptr, pos_ptr, slot_ptr, ctx_ptr, samp_ptr, table_ptr, prev_tok_ptr, prev_off_ptr,
                   tok_gather_ptr, tok_shift_ptr, tok_row_ptr, ctx_shift_ptr, samp_shift_ptr,
                   T, R, S, MB, BS: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,9 +78,8 @@ def patch_step_inputs_ref(input_ids, positions, slots, ctx, samp_off, table, blo
     samp_off.copy_(torch.where(samp_shift >= 0, prev_offsets[samp_shift.clamp(min=0)], torch.zeros_like(samp_shift)))
 
 
-@triton.jit
-def _accept_kernel(top_ptr, rows_ptr, drafts_ptr, packed_ptr, last_ptr, acc_ptr,
-                   K: tl.constexpr, K1P: tl.constexpr):
+@triton.jit(do_not_specialize=["K"])
+def _accept_kernel(top_ptr, rows_ptr, drafts_ptr, packed_ptr, last_ptr, acc_ptr, K, K1P: tl.constexpr):
     i = tl.program_id(0)
     offs = tl.arange(0, K1P)
     m = offs < K + 1
@@ -106,7 +105,7 @@ def greedy_accept(top, rows, drafts):
     last = torch.empty(N, dtype=torch.int64, device=top.device)
     acc = torch.empty(N, dtype=torch.int64, device=top.device)
     if N:
-        _accept_kernel[(N,)](top, rows, drafts, packed, last, acc, K=K, K1P=triton.next_power_of_2(K1))
+        _accept_kernel[(N,)](top, rows, drafts, packed, last, acc, K, K1P=max(2, triton.next_power_of_2(K1)))
     return last, acc, packed
 
 
@@ -116,3 +115,19 @@ def greedy_accept_ref(top, rows, drafts):
     acc = (emitted[:, :K] == drafts).long().cumprod(1).sum(1)
     last = emitted.gather(1, acc[:, None]).squeeze(1)
     return last, acc, torch.cat([emitted, acc[:, None]], dim=1)
+
+
+def warm_up(device: torch.device, max_k: int) -> None:
+    """Compile every variant the engine can meet (with and without shifts; each power of two
+    of k + 1), so no step pays for a compile while a job runs."""
+    z = lambda n: torch.zeros(n, dtype=torch.int64, device=device)  # noqa: E731
+    m = lambda n: torch.full((n,), -1, dtype=torch.int64, device=device)  # noqa: E731
+    table = torch.zeros(2, 2, dtype=torch.int64, device=device)
+    patch_step_inputs(z(3), z(3), z(3), z(2), None, table, 16, z(2), None, m(3))
+    patch_step_inputs(z(3), z(3), z(3), z(2), z(2), table, 16, z(2), z(2), m(3), m(3), z(3), m(2), m(2))
+    k = 1
+    while max_k > 0:
+        greedy_accept(z(4), torch.zeros(1, k + 1, dtype=torch.int64, device=device), m(k).view(1, k))
+        if k >= max_k:
+            break
+        k = min(max_k, 2 * k + 1)
