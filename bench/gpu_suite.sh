@@ -137,8 +137,8 @@ o)  # SmolLM2: spec bench (every workload), then the GPU check of cascade + spec
   ;;
 h)  # SmolLM2: per-phase host profile of speculating steps (n-gram, then suffix)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram 2>&1 | grep "^== "
-  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH2:-32,256} --method suffix 2>&1 | grep "^== "
+  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram 2>&1 | grep "^== \|^   "
+  [ -n "${PROFILE_BATCH2:-}" ] && timeout 200 python -m bench.profile_spec --batch $PROFILE_BATCH2 --method suffix 2>&1 | grep "^== \|^   "
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

@@ -62,13 +62,20 @@ def profile_engine(eng, prompts, max_tokens: int) -> dict:
         if torch.cuda.is_available():
             from torch.profiler import ProfilerActivity, profile
             s1 = eng.counters["steps"]
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 run_mode(eng, prompts, max_tokens)
-            gpu_us = sum(e.self_device_time_total for e in prof.key_averages())
+            ka = prof.key_averages()
+            gpu_us = sum(e.self_device_time_total for e in ka)
             gsteps = eng.counters["steps"] - s1
+            # Host calls that cost the most (CUDA runtime calls show waits and allocations).
+            top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]
+            print("   host top: " + "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / max(1, gsteps):.0f}us/step "
+                                           f"x{e.count / max(1, gsteps):.1f}" for e in top), flush=True)
     finally:
         le.sample, le._Inflight.wait = real_sample, real_wait
-    out = {"tok_s": round(fig["tok_s"], 1), "tokens_per_step": round(fig["tok_s"] * fig["elapsed_s"] / steps, 2),
+    out = {"spec_mode": round(fig["spec_mode_steps"] / max(1, fig["steps"]), 2),
+           "verif_per_step": round(fig["verifications"] / max(1, fig["steps"]), 2),
+           "tok_s": round(fig["tok_s"], 1), "tokens_per_step": round(fig["tok_s"] * fig["elapsed_s"] / steps, 2),
            "period_ms": round(1e3 * fig["elapsed_s"] / steps, 3), "gpu_ms": round(gpu_us / 1e3 / max(1, gsteps), 3)}
     # (the profiled pass counts too in acc: per step over both passes)
     for k, v in sorted(acc.items()):
@@ -103,6 +110,11 @@ def main(argv=None) -> None:
         for b in batches:
             run_mode(eng, prompts[:b], args.max_tokens // 2)  # warm: indexes, the governor's first samples
             print(f"== {label} b={b}: {profile_engine(eng, prompts[:b], args.max_tokens)}", flush=True)
+            if eng.spec is not None:
+                c, g = eng.spec.controller, eng.spec.governor
+                print(f"   controller: recent acceptance {c.recent_acceptance():.2f}, learned overhead "
+                      f"{ {k: round(v, 2) for k, v in c._sync.items()} }; governor rates (spec, plain) "
+                      f"{g.rate(b, True) if g else None}, {g.rate(b, False) if g else None}", flush=True)
         del eng
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
