@@ -266,9 +266,18 @@ class ModelRunner:
         if plan is not None:
             parts += [plan.prefix_tables.ravel(), plan.prefix_lens, plan.group_cu, plan.order,
                       plan.suffix_tables.ravel(), plan.suffix_lens]
-        flat = _to(np.concatenate(parts).astype(np.int64, copy=False), dev)
+        # Every piece starts 16-byte aligned (an even number of int64s in): Triton specialises
+        # kernels on pointer alignment, and a piece whose alignment changed from step to step
+        # would compile a new variant in the middle of a job.
         sizes = [len(p) for p in parts]
-        pieces = torch.split(flat, sizes)
+        padded = [n + (n & 1) for n in sizes]
+        buf = np.zeros(sum(padded), dtype=np.int64)
+        at = 0
+        for p_, n, m in zip(parts, sizes, padded):
+            buf[at:at + n] = p_
+            at += m
+        flat = _to(buf, dev)
+        pieces = [x[:n] for x, n in zip(torch.split(flat, padded), sizes)]
         input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t = pieces[:7]
         pieces = pieces[7:]
         sample_offsets = None
@@ -286,8 +295,8 @@ class ModelRunner:
         cascade = None
         if plan is not None:
             # The plan's pieces sit at the end of the copy: one int32 conversion for all six.
-            tail = flat[sum(sizes[:n_fixed]):].to(torch.int32)
-            pt, pl, gcu, order, st, sl = torch.split(tail, sizes[n_fixed:])
+            tail = flat[sum(padded[:n_fixed]):].to(torch.int32)
+            pt, pl, gcu, order, st, sl = (x[:n] for x, n in zip(torch.split(tail, padded[n_fixed:]), sizes[n_fixed:]))
             cascade = CascadeMetadata(pt.view(plan.prefix_tables.shape), pl, gcu, order,
                                       st.view(plan.suffix_tables.shape), sl)
             self.cascade_steps += 1
