@@ -52,7 +52,7 @@ class SpecGovernor:
     outlier (the first index build, a step behind a long prefill) from locking a mode out."""
 
     def __init__(self, explore_every: int = 32, explore_steps: int = 2, max_every: int = 256,
-                 window: int = 16, warm: int = 3, tie_margin: float = 0.03) -> None:
+                 window: int = 16, warm: int = 3, tie_margin: float = 0.01) -> None:
         self.samples: dict[tuple[int, bool], deque[tuple[int, float]]] = {}
         self.explore_every, self.explore_steps, self.max_every = explore_every, explore_steps, max_every
         self.window, self.warm, self.tie_margin = window, warm, tie_margin
@@ -217,12 +217,11 @@ class SpecDecoder:
         that do not draft, and the only evidence a request drafting nothing gets."""
         hists, wants = [], []
         for r, k in zip(reqs, ks):
-            h = r.all_token_ids
-            if r.num_pending:
-                hists.append(h[:len(h) - r.num_pending])
+            if r.num_pending:  # the known history only: one copy, without the placeholders
+                hists.append(r.prompt_token_ids + r.output_token_ids[:len(r.output_token_ids) - r.num_pending])
                 wants.append(len(r.inflight_drafts) + 1 + k)
             else:
-                hists.append(h)
+                hists.append(r.all_token_ids)
                 wants.append(max(k, 1))
         props = self.proposer.propose([r.request_id for r in reqs], hists, wants,
                                       [r.job_id for r in reqs])

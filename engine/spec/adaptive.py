@@ -208,12 +208,13 @@ class SpecController:
                 g *= a
                 gains.append((g, i))
         gains.sort(key=lambda t: -t[0])
-        base = B / self.step_cost(B)
-        sync = self.sync_cost(B) * self.step_cost(B)
+        cost = self.step_cost
+        base = B / cost(B)
+        sync = self.sync_cost(B) * cost(B)
         best_m, best_rate, tokens = 0, base, float(B)
         for m, (g, _) in enumerate(gains, start=1):
             tokens += g
-            rate = tokens / (self.step_cost(B + m) + sync)
+            rate = tokens / (cost(B + m) + sync)
             if rate > best_rate:
                 best_m, best_rate = m, rate
         k = [0] * B
