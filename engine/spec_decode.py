@@ -119,8 +119,9 @@ class SpecDecoder:
         if not engine.async_output:
             self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing
         elif self.drafts_ahead:
-            # Drafting keeps the overlap; what is left is the proposer's host time (learned).
-            self.controller.sync_factor = 0.1
+            # Drafting after a plain step keeps the overlap; drafting again right after a
+            # verification waits for it. The overhead is learned per batch size from there.
+            self.controller.sync_factor = 0.3
         # request id -> (position, token) the proposer guessed from the history before it
         self._guesses: dict[str, tuple[int, int]] = {}
         self.probe_every, self.probe_max, self._probe_tick = 4, 64, 0
@@ -157,6 +158,15 @@ class SpecDecoder:
         return reqs, caps
 
     # ---- n-gram and suffix: drafts ahead of the step in flight -----------------------------
+    def would_draft(self, running: list[Request]) -> bool:
+        """Would the controller plan drafts for anyone, on its estimates alone (no proposer)?"""
+        if self.adaptive and not self.controller.can_pay(len(running)):
+            return False
+        reqs, caps = self._decoding(running)
+        if not self.adaptive:
+            return any(caps)
+        return any(self.controller.choose_k([r.request_id for r in reqs], caps, forget_idle=False))
+
     def draft_ahead(self, running: list[Request]) -> None:
         """Give drafts to the decoding requests where they should pay. Never waits for the
         step in flight: it drafts from the tokens already on the host."""

@@ -46,7 +46,11 @@ def test_finished_sequences_index_like_the_token_loop_and_only_when_read():
     ref = SuffixIndex(32, 4)
     for s in kept:
         ref.append(s + [SEP], index_last=True)
-    idx = job.index
+    job.max_per_read = 4
+    while job._queued or job._rebuild:
+        n = len(job._queued)
+        idx = job.index
+        assert len(job._queued) == max(0, n - 4) or n == 0
     assert idx.tokens == ref.tokens
     for n in idx.lengths:
         assert norm(idx.tables[n]) == norm(ref.tables[n]), n

@@ -205,9 +205,9 @@ class _JobIndex:
     """Outputs of one job, capped at `max_tokens`; oldest outputs are evicted by rebuilding
     from the kept ones (amortised O(#lengths) per token since we evict down to 3/4 cap).
 
-    Finished outputs are queued and indexed only when a proposal reads the index: at batch
-    sizes where nobody drafts (a large batch finishing hundreds of requests per second),
-    indexing them would cost host time on every step for nothing."""
+    Finished outputs are queued and indexed only when a proposal reads the index, a few per
+    read: at batch sizes where nobody drafts (a large batch finishing hundreds of requests per
+    second), indexing them would cost host time on every step for nothing."""
 
     def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
         self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
@@ -230,14 +230,19 @@ class _JobIndex:
         elif not self._rebuild:
             self._queued.append(output)
 
+    # Outputs indexed per read at most: a large batch's tail (hundreds of outputs finished
+    # since the last read) is indexed over several steps instead of stalling one.
+    max_per_read = 16
+
     @property
     def index(self) -> "SuffixIndex":
-        if self._rebuild:
+        if self._rebuild:  # after an eviction: start over, the kept outputs queued again
             self._index = SuffixIndex(self.max_depth, self.max_occ)
             self._queued, self._rebuild = list(self.seqs), False
-        for seq in self._queued:
-            self._index.append_sequence(seq)
-        self._queued = []
+        if self._queued:
+            for seq in self._queued[:self.max_per_read]:
+                self._index.append_sequence(seq)
+            del self._queued[:self.max_per_read]
         return self._index
 
 
