@@ -137,7 +137,7 @@ o)  # SmolLM2: spec bench (every workload), then the GPU check of cascade + spec
   ;;
 h)  # SmolLM2: per-phase host profile of speculating steps (n-gram, then suffix)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  timeout 200 python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram 2>&1 | grep "^== \|^   "
+  timeout ${PROFILE_TIMEOUT:-200} python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram $PROFILE_ARGS 2>&1 | grep "^== \|^   "
   [ -n "${PROFILE_BATCH2:-}" ] && timeout 200 python -m bench.profile_spec --batch $PROFILE_BATCH2 --method suffix 2>&1 | grep "^== \|^   "
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call

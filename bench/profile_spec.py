@@ -27,7 +27,7 @@ def _timed(obj, name: str, acc: dict, label: str | None = None) -> None:
     setattr(obj, name, wrapper)
 
 
-def profile_engine(eng, prompts, max_tokens: int) -> dict:
+def profile_engine(eng, prompts, max_tokens: int, torch_profile: bool = True) -> dict:
     import engine.llm_engine as le
     from bench.spec import run_mode
     acc: dict[str, float] = defaultdict(float)
@@ -59,7 +59,7 @@ def profile_engine(eng, prompts, max_tokens: int) -> dict:
         fig, _ = run_mode(eng, prompts, max_tokens)
         steps = eng.counters["steps"] - steps0
         gpu_us, gsteps = 0.0, 0
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and torch_profile:
             from torch.profiler import ProfilerActivity, profile
             s1 = eng.counters["steps"]
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -92,6 +92,9 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--no-torch-profile", action="store_true", help="phase timers only (faster)")
+    ap.add_argument("--compare-wait", action="store_true",
+                    help="also run the method with speculative_draft_ahead=False (always wait before drafting)")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -105,11 +108,15 @@ def main(argv=None) -> None:
                           add_special_tokens=False) for m in wl[args.workload]]
     kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, max_num_seqs=256, max_model_len=2048,
               num_gpu_blocks_override=8192)
-    for label, extra in (("off", {}), (args.method, dict(speculative_method=args.method, num_speculative_tokens=4))):
+    spec = dict(speculative_method=args.method, num_speculative_tokens=4)
+    variants = [("off", {}), (args.method, spec)]
+    if args.compare_wait:
+        variants.append((f"{args.method}-wait", dict(spec, speculative_draft_ahead=False)))
+    for label, extra in variants:
         eng = make_engine(dict(kw, **extra))
         for b in batches:
             run_mode(eng, prompts[:b], args.max_tokens // 2)  # warm: indexes, the governor's first samples
-            print(f"== {label} b={b}: {profile_engine(eng, prompts[:b], args.max_tokens)}", flush=True)
+            print(f"== {label} b={b}: {profile_engine(eng, prompts[:b], args.max_tokens, not args.no_torch_profile)}", flush=True)
             if eng.spec is not None:
                 c, g = eng.spec.controller, eng.spec.governor
                 print(f"   controller: recent acceptance {c.recent_acceptance():.2f}, learned overhead "

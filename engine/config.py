@@ -35,6 +35,9 @@ class EngineConfig:
     prompt_lookup_min: int = 2
     prompt_lookup_max: int = 4
     adaptive_speculation: bool = True
+    # n-gram/suffix, async output: after a plain step, draft from the token in flight as the
+    # proposer guesses it (no wait) instead of waiting for it (exact drafts, lost overlap).
+    speculative_draft_ahead: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

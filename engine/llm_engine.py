@@ -171,7 +171,8 @@ class LLMEngine:
             self.counters["spec_mode_steps"] += 1
             if self.spec.drafts_ahead:
                 fl = self._inflight
-                if fl is not None and fl.speculated and self.spec.would_draft(self.scheduler.running):
+                if fl is not None and (fl.speculated or not self.config.speculative_draft_ahead) \
+                        and self.spec.would_draft(self.scheduler.running):
                     # Drafts after a verification still in flight would have to assume all of
                     # its drafts accepted, which holds too rarely (measured: about two tokens
                     # per step at batch 1 on extraction, against four from whole histories).
