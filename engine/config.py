@@ -37,7 +37,8 @@ class EngineConfig:
     adaptive_speculation: bool = True
     # n-gram/suffix, async output: after a plain step, draft from the token in flight as the
     # proposer guesses it (no wait) instead of waiting for it (exact drafts, lost overlap).
-    speculative_draft_ahead: bool = True
+    # Off by default: on the H100 waiting measured faster (docs/benchmarks.md).
+    speculative_draft_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

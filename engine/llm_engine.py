@@ -157,10 +157,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step. With async output (GPU) the step launched here runs on the
         GPU while the host finishes the previous one, so the outputs returned are those of
-        the previous step. Drafts from the n-gram and suffix proposers keep that overlap after
-        a plain step (they continue the token in flight as the proposer guesses it;
-        verification and the shift it causes stay on the device); after a verification they
-        wait for it. A draft model needs every token on the host."""
+        the previous step. A step that drafts first waits for the step in flight, unless
+        `speculative_draft_ahead` lets n-gram and suffix drafts continue its token as the
+        proposer guesses it (verification and the shift it causes stay on the device either
+        way). A draft model always needs every token on the host."""
         outputs, self._pending = self._pending, []
         t_start = time.perf_counter()
         overlap = self.async_output
@@ -170,25 +170,29 @@ class LLMEngine:
         if spec_mode:
             self.counters["spec_mode_steps"] += 1
             if self.spec.drafts_ahead:
-                fl = self._inflight
-                if fl is not None and (fl.speculated or not self.config.speculative_draft_ahead) \
-                        and self.spec.would_draft(self.scheduler.running):
-                    # Drafts after a verification still in flight would have to assume all of
-                    # its drafts accepted, which holds too rarely (measured: about two tokens
-                    # per step at batch 1 on extraction, against four from whole histories).
-                    # Waiting for it costs one lost overlap and gives exact drafts; after a
-                    # plain step the drafts only assume its one token (the proposer's guess).
-                    self.counters["spec_wait_steps"] += 1
-                    outputs.extend(self._finish(fl))
-                    self._inflight = None
-                self.spec.draft_ahead(self.scheduler.running)
+                running = self.scheduler.running
+                if self.config.speculative_draft_ahead:
+                    fl = self._inflight
+                    if fl is not None and fl.speculated and self.spec.would_draft(running):
+                        # Drafts after a verification still in flight would have to assume all
+                        # of its drafts accepted, which holds too rarely; wait for it instead.
+                        # After a plain step the drafts only assume its one token (a guess).
+                        outputs.extend(self._wait_inflight())
+                    self.spec.draft_ahead(running)
+                else:
+                    # Draft from the tokens on the host first: only if someone really has
+                    # something to copy does the host wait for the step in flight, then draft
+                    # again from whole histories (exact drafts, one lost overlap).
+                    if self._inflight is None:
+                        self.spec.draft_ahead(running)
+                    elif self.spec.draft_ahead(running, will_wait=True):
+                        outputs.extend(self._wait_inflight())
+                        self.spec.clear_drafts()
+                        self.spec.draft_ahead(running)
             else:
                 plan = self.spec.plan(self.scheduler.running)
                 if plan:
-                    if self._inflight is not None:
-                        self.counters["spec_wait_steps"] += 1
-                        outputs.extend(self._finish(self._inflight))
-                        self._inflight = None
+                    outputs.extend(self._wait_inflight())
                     drafted = self.spec.propose(plan)
                     overlap = self.async_output and not drafted
         t0 = time.perf_counter()
@@ -208,6 +212,14 @@ class LLMEngine:
         if done is not None:
             outputs.extend(self._finish(done))
         return outputs
+
+    def _wait_inflight(self) -> list[RequestOutput]:
+        """Finish the step in flight now (before drafting), so every token is on the host."""
+        fl, self._inflight = self._inflight, None
+        if fl is None:
+            return []
+        self.counters["spec_wait_steps"] += 1
+        return self._finish(fl)
 
     def _launch(self, batch, t0: float) -> "_Inflight":
         t1 = time.perf_counter()

@@ -118,7 +118,7 @@ class SpecDecoder:
         self.governor = SpecGovernor() if self.adaptive else None
         if not engine.async_output:
             self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing
-        elif self.drafts_ahead:
+        elif self.drafts_ahead and engine.config.speculative_draft_ahead:
             # Drafting after a plain step keeps the overlap; drafting again right after a
             # verification waits for it. The overhead is learned per batch size from there.
             self.controller.sync_factor = 0.3
@@ -167,23 +167,28 @@ class SpecDecoder:
             return any(caps)
         return any(self.controller.choose_k([r.request_id for r in reqs], caps, forget_idle=False))
 
-    def draft_ahead(self, running: list[Request]) -> None:
+    def draft_ahead(self, running: list[Request], will_wait: bool = False) -> bool:
         """Give drafts to the decoding requests where they should pay. Never waits for the
-        step in flight: it drafts from the tokens already on the host."""
+        step in flight: it drafts from the tokens already on the host. Returns whether it
+        decided to draft. `will_wait`: only decide; the engine then waits for the step in
+        flight and drafts again from whole histories, so the decision needs no discount for
+        what drafts would assume, and a request counts as a candidate as soon as its known
+        history matches anything."""
         if self.adaptive and not self.controller.can_pay(len(running)):
-            return  # quick reject at large batches (fewer decoding rows are checked below)
+            return False  # quick reject at large batches (fewer decoding rows are checked below)
         reqs, caps = self._decoding(running)
         if not reqs:
-            return
+            return False
         if not self.adaptive:
-            self._assign(reqs, self._lookahead(reqs, caps))
-            return
+            found = self._lookahead(reqs, caps)
+            return any(f[3] for f in found) if will_wait else self._assign(reqs, found)
         if not self.controller.can_pay(len(reqs)):
-            return  # too large a batch for drafts to pay: spend no host time on them
+            return False  # too large a batch for drafts to pay: spend no host time on them
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
         # Drafts that continue tokens in flight hold only if those come out as expected.
-        disc = [self.controller.acceptance(r.request_id) ** self._assumed_len(r) for r in reqs]
+        disc = [1.0 if will_wait else self.controller.acceptance(r.request_id) ** self._assumed_len(r)
+                for r in reqs]
         ks = self.controller.choose_k(ids, caps, discount=disc)
         if not any(ks):
             # Nobody is worth drafting for on current evidence. Every few steps, guess anyway
@@ -193,32 +198,39 @@ class SpecDecoder:
             if self._probe_tick % self.probe_every == 0:
                 probe = reqs[:self.probe_max]
                 self._lookahead(probe, [0] * len(probe))
-            return
+            return False
         # The controller assumed every planned request drafts. Ask the proposer which really
         # would and decide again over those alone (open chat: a few weak matches per step).
         planned = [i for i, k in enumerate(ks) if k > 0]
         found = self._lookahead([reqs[i] for i in planned], [ks[i] for i in planned])
         caps = [0] * len(reqs)
         for i, f in zip(planned, found):
-            caps[i] = len(f[0])
-            disc[i] = self.controller.acceptance(ids[i]) ** len(f[1])
+            if will_wait:
+                caps[i] = ks[i] if f[3] else 0
+            else:
+                caps[i] = len(f[0])
+                disc[i] = self.controller.acceptance(ids[i]) ** len(f[1])
         if not any(caps):
-            return
+            return False
         ks = self.controller.choose_k(ids, caps, forget_idle=False, discount=disc)
-        self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
+        if will_wait:
+            return any(ks)
+        return self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
 
     @staticmethod
     def _assumed_len(r: Request) -> int:
         return len(r.inflight_drafts) + 1 if r.num_pending else 0
 
-    def _assign(self, reqs: list[Request], found: list[tuple[list[int], list[int], int]]) -> None:
-        for r, (drafts, assumed, base) in zip(reqs, found):
+    def _assign(self, reqs: list[Request], found: list[tuple]) -> bool:
+        for r, (drafts, assumed, base, *_) in zip(reqs, found):
             if drafts:
                 r.spec_token_ids, r.spec_assumed, r.spec_base = list(drafts), assumed, base
                 self._drafted.append(r)
+        return bool(self._drafted)
 
-    def _lookahead(self, reqs: list[Request], ks: list[int]) -> list[tuple[list[int], list[int], int]]:
-        """(drafts, assumed tokens, history length) per request, from the tokens on the host.
+    def _lookahead(self, reqs: list[Request], ks: list[int]) -> list[tuple[list[int], list[int], int, bool]]:
+        """(drafts, assumed tokens, history length, whether the proposer matched anything) per
+        request, from the tokens on the host.
         A request with a step in flight gets drafts that continue what that step is expected
         to produce: its drafts, all accepted (the proposer, asked for more tokens, must still
         propose them; where it now proposes something else, the drafts up to there and its token
@@ -240,7 +252,7 @@ class SpecDecoder:
             if not r.num_pending:
                 if f and not k:
                     self._guesses[r.request_id] = (len(h), f[0])
-                out.append((f[:k], [], len(h)))
+                out.append((f[:k], [], len(h), bool(f)))
                 continue
             # The step in flight is expected to accept its drafts as far as the proposer, with
             # the history it has now, would still propose them, and then to emit the proposer's
@@ -250,11 +262,11 @@ class SpecDecoder:
             while j < len(d) and j < len(f) and f[j] == d[j]:
                 j += 1
             if j >= len(f):
-                out.append(([], [], len(h)))
+                out.append(([], [], len(h), bool(f)))
                 continue
             if not d:
                 self._guesses[r.request_id] = (len(h), f[0])
-            out.append((f[j + 1:j + 1 + k], f[:j + 1], len(h)))
+            out.append((f[j + 1:j + 1 + k], f[:j + 1], len(h), True))
         return out
 
     def _score_guesses(self, reqs: list[Request]) -> None:
@@ -295,8 +307,7 @@ class SpecDecoder:
         hists = [r.all_token_ids for r, _ in plan]
         drafts = self.proposer.propose([r.request_id for r, _ in plan], hists, [k for _, k in plan],
                                        [r.job_id for r, _ in plan])
-        self._assign([r for r, _ in plan], [(d[:k], [], len(h)) for (r, k), d, h in zip(plan, drafts, hists)])
-        return bool(self._drafted)
+        return self._assign([r for r, _ in plan], [(d[:k], [], len(h)) for (r, k), d, h in zip(plan, drafts, hists)])
 
     # ---- verification, on the device -------------------------------------------------------
     def verify(self, reqs: list[Request], inp, logits: torch.Tensor, want_logprobs: bool = False):

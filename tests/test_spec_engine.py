@@ -180,18 +180,14 @@ def test_steps_with_nothing_to_copy_stay_overlapped(method):
     plain = run_engine(tiny_engine("llama", async_scheduling=True), chat, sp)
     eng = tiny_engine("llama", speculative_method=method, async_scheduling=True, prompt_lookup_min=2)
     eng.spec.governor = None  # speculating mode on every step, so only the lookahead decides
-    waits = []
-    finish = eng._finish
-
-    def spy(fl):
-        waits.append(fl is eng._inflight)  # finishing the step still in flight = waiting on it
-        return finish(fl)
-    eng._finish = spy
+    steps_before = eng.counters["steps"]
     out = run_engine(eng, chat, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
-    # Finishing the step in flight early (a wait) happens only for steps that then draft; the
-    # tiny model may start repeating itself, so a few such steps can appear.
-    assert sum(waits) <= eng.stats()["spec_verifications"] + 1
+    # A wait for the step in flight happens only for steps that then draft; the tiny model may
+    # start repeating itself, so a few such steps can appear.
+    waits = eng.counters["spec_wait_steps"]
+    assert waits <= eng.stats()["spec_verifications"] + 1
+    assert waits < (eng.counters["steps"] - steps_before) / 2
     copy = copy_heavy_prompts(4)
     eng2 = tiny_engine("llama", speculative_method=method, async_scheduling=True)
     eng2.spec.governor = None
@@ -300,7 +296,8 @@ def test_lookahead_guesses_are_scored_once_their_token_is_known():
     """The lookahead's first token is a guess at the token in flight; when that token arrives,
     the guess counts as one acceptance trial for free (no verification). A request whose
     guesses keep failing loses the prior's optimism; one whose guesses hold gains."""
-    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True,
+                      speculative_draft_ahead=True)
     ctl = eng.spec.controller
     seg = [7, 8, 9, 10, 11, 12]
     good, bad = _in_flight("good", [1, 2] + seg * 3, [7]), _in_flight("bad", [3, 4] + seg * 3, [7])
@@ -364,7 +361,9 @@ def test_governor_notices_when_the_workload_turns_copyable():
 
 def _eager_drafter(method: str, **kw):
     """An engine whose controller drafts wherever the proposer finds something: the tiny random
-    model continues copied spans only by chance, and these tests are about exactness."""
+    model continues copied spans only by chance, and these tests are about exactness. Drafts go
+    ahead of the step in flight unless the test says otherwise."""
+    kw.setdefault("speculative_draft_ahead", True)
     eng = tiny_engine("llama", speculative_method=method, num_speculative_tokens=4, async_scheduling=True, **kw)
     ctl = eng.spec.controller
     ctl.sync_factor = ctl.max_sync = 0.0
@@ -385,17 +384,16 @@ def test_drafting_steps_keep_the_overlap_and_stay_exact(method):
     plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, sp)
     eng = _eager_drafter(method)
     early, chained = [], []
-    finish, record = eng._finish, eng.spec.record
+    wait, record = eng._wait_inflight, eng.spec.record
 
-    def spy_finish(fl):
-        if fl is eng._inflight:  # finished before the next step launched: a wait
-            early.append(fl.speculated)
-        return finish(fl)
+    def spy_wait():
+        early.append(eng._inflight is not None and eng._inflight.speculated)
+        return wait()
 
     def spy_record(r, k, a, assumed, base):
         chained.append((len(assumed), a))
         return record(r, k, a, assumed, base)
-    eng._finish, eng.spec.record = spy_finish, spy_record
+    eng._wait_inflight, eng.spec.record = spy_wait, spy_record
     out = run_engine(eng, prompts, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert all(early) and eng.counters["spec_wait_steps"] == len(early)
@@ -465,3 +463,19 @@ def test_overlapped_drafting_through_the_triton_kernels(monkeypatch):
     out = run_engine(eng, prompts, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert eng.stats()["spec_accepted"] > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_without_drafting_ahead_every_draft_follows_known_tokens(method):
+    """speculative_draft_ahead=False: the host waits for the step in flight before drafting, so
+    no draft assumes anything about tokens it has not seen; output equals plain decoding."""
+    prompts = copy_heavy_prompts(8)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, sp)
+    eng = _eager_drafter(method, speculative_draft_ahead=False)
+    assumed = []
+    record = eng.spec.record
+    eng.spec.record = lambda r, k, a, asm, base: assumed.append(asm) or record(r, k, a, asm, base)
+    out = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert assumed and not any(assumed) and eng.counters["spec_wait_steps"] > 0
