@@ -89,6 +89,8 @@ def _engine_config(a) -> dict:
            if getattr(a, k, None) is not None}
     if getattr(a, "no_prefix_caching", False):
         cfg["enable_prefix_caching"] = False
+    if getattr(a, "speculative_draft_ahead", False):
+        cfg["speculative_draft_ahead"] = True
     c = getattr(a, "cascade_attention", None)
     if c is not None:
         cfg["cascade_attention"] = {"auto": "auto", "on": True, "off": False}[c]
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="n-gram: shortest match (2)")
     p.add_argument("--prompt-lookup-max", type=int, default=None, help="n-gram: longest match (4)")
     p.add_argument("--speculative-model", default=None, help="a smaller model with the same tokenizer")
+    p.add_argument("--speculative-draft-ahead", action="store_true",
+                   help="n-gram/suffix: draft past the token in flight instead of waiting for it")
     p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
     p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")
     p.add_argument("--split-rows", type=int, default=int(os.environ.get("PREFIXQ_SPLIT_ROWS", "50000")),

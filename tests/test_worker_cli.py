@@ -14,3 +14,13 @@ def test_worker_cli_passes_prompt_lookup_bounds():
     cfg = _engine_config(build_parser().parse_args(
         ["worker", "--speculative-method", "ngram", "--prompt-lookup-min", "1", "--prompt-lookup-max", "6"]))
     assert cfg["prompt_lookup_min"] == 1 and cfg["prompt_lookup_max"] == 6
+
+
+def test_worker_cli_drafting_ahead_is_opt_in():
+    from engine.config import EngineConfig
+    from jobs.cli import _engine_config, build_parser
+    parse = build_parser().parse_args
+    assert "speculative_draft_ahead" not in _engine_config(parse(["worker", "--speculative-method", "ngram"]))
+    cfg = _engine_config(parse(["worker", "--speculative-method", "suffix", "--speculative-draft-ahead"]))
+    assert cfg["speculative_draft_ahead"] is True
+    assert EngineConfig(model="m", speculative_method="ngram").speculative_draft_ahead is False
