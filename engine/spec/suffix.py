@@ -106,7 +106,8 @@ class SuffixIndex:
     def _insert_all(self, table: dict, grams, ends) -> None:
         """Record each n-gram's end position (one length's table). The insert repeats
         `append`'s on purpose: a helper call per n-gram would cost this loop a third of its
-        speed; one call per length is noise."""
+        speed; one call per length is noise. (The reverse, `append`'s token loop gathering
+        n-grams for this helper, doubled a one-token append: 2.1 -> 4.1 us on the CI CPU.)"""
         get, cap = table.get, 2 * self.max_occ
         for g, e in zip(grams, ends):
             occ = get(g)
