@@ -429,15 +429,18 @@ def test_overlapped_drafting_keeps_seeded_sampling_and_logprobs():
         assert torch.allclose(torch.tensor(o.logprobs), torch.tensor(p.logprobs), atol=1e-4)
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["draft-ahead", "wait"])
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_overlapped_drafting_under_preemption_and_stops(method):
+def test_overlapped_drafting_under_preemption_and_stops(method, ahead):
     """A small pool preempts requests whose drafts are in flight; stop tokens and max_tokens
-    end requests while drafts are in flight. Output equals plain decoding, no block leaks."""
+    end requests while drafts are in flight (a drafting step stays in flight in both modes).
+    Output equals plain decoding, no block leaks."""
     prompts = copy_heavy_prompts(16)
     plain_eng = tiny_engine("llama", async_scheduling=True, num_gpu_blocks_override=40, max_num_batched_tokens=128)
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     plain = run_engine(plain_eng, prompts, sp)
-    eng = _eager_drafter(method, num_gpu_blocks_override=40, max_num_batched_tokens=128)
+    eng = _eager_drafter(method, num_gpu_blocks_override=40, max_num_batched_tokens=128,
+                         speculative_draft_ahead=ahead)
     out = run_engine(eng, prompts, sp)
     assert eng.scheduler.num_preemptions > 0 and eng.stats()["spec_accepted"] > 0
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
