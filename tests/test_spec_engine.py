@@ -482,3 +482,28 @@ def test_without_drafting_ahead_every_draft_follows_known_tokens(method):
     out = run_engine(eng, prompts, sp)
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert assumed and not any(assumed) and eng.counters["spec_wait_steps"] > 0
+
+
+def test_never_waiting_shifts_mixed_prefill_and_decode_steps(monkeypatch):
+    """Drafting steps always in flight (never waiting, as measured on the GPU at a352aa8), while
+    new requests are admitted: steps that mix prefill chunks (the extend layout) with decodes
+    shifted by the drafts in flight must still give plain decoding's output."""
+    import kernels.ops as kops
+    from engine import model_runner
+    layouts = []
+    real = kops.patch_step_inputs
+
+    def spy(ids, pos, slots, ctx, samp, table, bs, prev_tokens, prev_offsets, *rest):
+        if prev_offsets is not None:
+            layouts.append("decode" if ctx.shape[0] == ids.shape[0] else "extend")
+        return real(ids, pos, slots, ctx, samp, table, bs, prev_tokens, prev_offsets, *rest)
+    monkeypatch.setattr(model_runner.ops, "patch_step_inputs", spy)
+    prompts = copy_heavy_prompts(12)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", async_scheduling=True, max_num_seqs=4), prompts, sp)
+    eng = _eager_drafter("ngram", max_num_seqs=4)
+    eng.spec.would_draft = lambda running: False  # never wait for a verification in flight
+    out = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert "extend" in layouts and "decode" in layouts
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
