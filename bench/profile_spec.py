@@ -93,8 +93,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--no-torch-profile", action="store_true", help="phase timers only (faster)")
-    ap.add_argument("--compare-wait", action="store_true",
-                    help="also run the method with speculative_draft_ahead=False (always wait before drafting)")
+    ap.add_argument("--compare-ahead", action="store_true",
+                    help="also run the method with speculative_draft_ahead=True (no wait after plain steps)")
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -110,8 +110,8 @@ def main(argv=None) -> None:
               num_gpu_blocks_override=8192)
     spec = dict(speculative_method=args.method, num_speculative_tokens=4)
     variants = [("off", {}), (args.method, spec)]
-    if args.compare_wait:
-        variants.append((f"{args.method}-wait", dict(spec, speculative_draft_ahead=False)))
+    if args.compare_ahead:
+        variants.append((f"{args.method}-ahead", dict(spec, speculative_draft_ahead=True)))
     for label, extra in variants:
         eng = make_engine(dict(kw, **extra))
         for b in batches:
