@@ -3,12 +3,15 @@ to k tokens for each decoding request (k chosen per step by the adaptive
 controller); the scheduler grants them as ordinary tokens, so the target scores
 all k+1 positions in the same forward; `verify` accepts them exactly, on the device.
 
-The n-gram and suffix proposers draft ahead: with a step still in flight, a request's
-drafts continue the tokens that step is expected to produce (its own drafts, all
-accepted, then the proposer's guess at the next token). Nothing waits for the host, so
-drafting steps keep the overlap of host work with the GPU. Where the expectation was
-wrong the drafts are simply rejected: verification compares them with what the target
-computes after the real tokens, so the output is exact either way.
+With async output a step is planned while the previous one still runs. By default a
+step that drafts first waits for it (only when the histories on the host match
+something), so drafts follow known tokens. With `speculative_draft_ahead` the n-gram and
+suffix proposers draft past the step in flight instead: the drafts continue the tokens
+that step is expected to produce (its own drafts, all accepted, then the proposer's
+guess at the next token). Where the expectation was wrong the drafts are simply
+rejected: verification compares them with what the target computes after the real
+tokens, so the output is exact either way. Either way, how many drafts a step accepted
+stays on the device until the host needs it (the next step's positions shift there).
 
 KV written for rejected drafts needs no cleanup: `num_computed_tokens` stops at
 the last accepted token, so those slots are overwritten by the next tokens.
@@ -111,8 +114,8 @@ class SpecDecoder:
         self.k = engine.config.num_speculative_tokens
         self.adaptive = engine.config.adaptive_speculation
         self.proposer = make_proposer(engine)
-        # Host-side lookups (not a draft model): cheap enough to run every step, and able to
-        # draft ahead of the tokens in flight.
+        # Host-side lookups (not a draft model): cheap enough to run every step (to decide
+        # whether to wait), and able to draft ahead of the tokens in flight.
         self.drafts_ahead = engine.config.speculative_method in ("ngram", "suffix")
         self.controller = SpecController(max_k=self.k)
         self.governor = SpecGovernor() if self.adaptive else None
@@ -157,7 +160,7 @@ class SpecDecoder:
                            self.engine.max_model_len - r.num_tokens - 1 - r.num_unverified)) for r in reqs]
         return reqs, caps
 
-    # ---- n-gram and suffix: drafts ahead of the step in flight -----------------------------
+    # ---- n-gram and suffix: drafts from the tokens on the host -----------------------------
     def would_draft(self, running: list[Request]) -> bool:
         """Would the controller plan drafts for anyone, on its estimates alone (no proposer)?"""
         if self.adaptive and not self.controller.can_pay(len(running)):
