@@ -12,9 +12,8 @@ import torch
 
 from engine.cascade_plan import MAX_GROUPS, plan_cascade
 from engine.config import EngineConfig
-from engine.models.llama import AttentionMetadata, CascadeMetadata, LlamaForCausalLM
+from engine.models.llama import AttentionMetadata, CascadeMetadata
 from engine.models.loader import build_model
-from engine.request import Request
 from engine.scheduler import ScheduledBatch
 from kernels import ops
 
