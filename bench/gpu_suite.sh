@@ -78,8 +78,9 @@ c)  # SmolLM2: speculative decoding, then the bf16 check (logs go to $OUT as the
 v)  # SmolLM2: speculative decoding only
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "spec"; timeout ${SPEC_TIMEOUT:-400} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
-    --workloads ${SPEC_WORKLOADS:-extract,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
-  grep -v "Warning\|warn" "$OUT/spec.log" | tail -48
+    --workloads ${SPEC_WORKLOADS:-extract,json,chat} --methods ${SPEC_METHODS:-ngram,suffix} \
+    --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
+  grep -v "Warning\|warn" "$OUT/spec.log" | tail -64
   ;;
 t)  # SmolLM2 throughput
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"

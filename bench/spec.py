@@ -112,7 +112,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", help="float32 keeps greedy outputs comparable across modes")
     ap.add_argument("--batch-sizes", default="1,8,32,256")
-    ap.add_argument("--methods", default="ngram,suffix")
+    ap.add_argument("--methods", default="ngram,suffix",
+                    help="ngram, suffix; '-ahead' (ngram-ahead) drafts past the step in flight")
     ap.add_argument("--workloads", default="extract,rewrite,json,chat")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -149,7 +150,13 @@ def main(argv=None) -> dict:
     methods = args.methods.split(",")
     engines = {"off": make_engine(base_kw)}
     for m in methods:
-        engines[m] = make_engine(dict(base_kw, speculative_method=m, num_speculative_tokens=args.k))
+        # "<method>-ahead": the same proposer drafting past the step in flight (no wait after
+        # plain steps), to compare both drafting modes in one run on one card.
+        base, _, variant = m.partition("-")
+        extra = {"speculative_draft_ahead": True} if variant == "ahead" else {}
+        if variant not in ("", "ahead") or base not in ("ngram", "suffix"):
+            raise SystemExit(f"unknown method {m!r}: use ngram, suffix, ngram-ahead or suffix-ahead")
+        engines[m] = make_engine(dict(base_kw, speculative_method=base, num_speculative_tokens=args.k, **extra))
     figures, baseline, rows, mismatches = {}, {}, [], []
     for name in args.workloads.split(","):
         for b in batch_sizes:
@@ -216,8 +223,9 @@ def main(argv=None) -> dict:
     out = write_result(name, figures, baseline, dev, extra={"workload": {
         "model": args.model, "dtype": args.dtype, "k": args.k, "max_tokens": args.max_tokens,
         "repeats": args.repeats, "timing": "modes alternate; each figure is the mode's fastest run",
-        "batch_sizes": batch_sizes, "draft_pair": "random weights, same shapes: shows overhead only",
-        "mismatches": mismatches}})
+        "batch_sizes": batch_sizes, "methods": methods,
+        "drafting": "wait for the step in flight before drafting; '-ahead' methods draft past it",
+        "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
                 ["tok_s", "speedup", "acceptance", "elapsed_s", "steps", "spec_mode_steps", "wait_steps"])
     print(f"wrote {out}")
