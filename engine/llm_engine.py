@@ -48,7 +48,6 @@ class _Inflight:
         # Per sampling request: (drafts scored, tokens they assumed, history length they follow).
         self.drafts: list[tuple[list[int], list[int], int]] = []
         self.logprobs_host: list | None = None
-        self._src: torch.Tensor | None = None
         self._host: torch.Tensor | None = None
         self._host_lp: torch.Tensor | None = None
         self._event = None
@@ -186,8 +185,7 @@ class LLMEngine:
                     if self._inflight is None:
                         self.spec.draft_ahead(running)
                     elif self.spec.draft_ahead(running, will_wait=True):
-                        outputs.extend(self._wait_inflight())
-                        self.spec.clear_drafts()
+                        outputs.extend(self._wait_inflight())  # (deciding gave out no drafts)
                         self.spec.draft_ahead(running)
             else:
                 plan = self.spec.plan(self.scheduler.running)
@@ -282,7 +280,8 @@ class LLMEngine:
                     if req.status == RequestStatus.RUNNING:  # (a preempted request recomputes anyway)
                         req.num_computed_tokens += a  # accepted drafts keep their KV
                         req.num_unverified -= k
-                    req.inflight_drafts = []
+                    if req.inflight_drafts is fl.drafts[j][0]:  # (not a later step's, launched since)
+                        req.inflight_drafts = []
                     self.spec.record(req, k, a, *fl.drafts[j][1:])
             else:
                 toks = [host[j]]

@@ -174,10 +174,6 @@ class ModelRunner:
                 ids.extend(r.prompt_token_ids[s:s + n])
             elif n == 1 and not r.spec_token_ids:
                 ids.append(r.output_token_ids[-1])  # plain decode
-            elif s >= len(r.prompt_token_ids):  # decode with drafts: outputs, then drafts
-                got = r.output_token_ids[s - len(r.prompt_token_ids):s - len(r.prompt_token_ids) + n]
-                ids.extend(got)
-                ids.extend(r.spec_token_ids[:n - len(got)])
             else:
                 ids.extend(r.token_slice(s, s + n))
             if r.num_pending and s <= ntok - 1 < s + n:  # the newest token is still on the device

@@ -82,8 +82,11 @@ class Request:
         p = len(self.prompt_token_ids)
         if end <= p:
             return self.prompt_token_ids[start:end]
-        if start >= p and end - p <= len(self.output_token_ids):
-            return self.output_token_ids[start - p:end - p]
+        if start >= p:  # outputs, then drafts: no copy of the whole history
+            o, a, b = self.output_token_ids, start - p, end - p
+            if b <= len(o):
+                return o[a:b]
+            return o[a:] + self.spec_token_ids[max(0, a - len(o)):b - len(o)]
         return (self.prompt_token_ids + self.output_token_ids + self.spec_token_ids)[start:end]
 
     @property

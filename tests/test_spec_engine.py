@@ -507,3 +507,11 @@ def test_never_waiting_shifts_mixed_prefill_and_decode_steps(monkeypatch):
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert "extend" in layouts and "decode" in layouts
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_token_slice_reads_prompt_outputs_and_drafts_as_one_sequence():
+    from engine.request import Request
+    r = Request("x", [1, 2, 3], SamplingParams())
+    r.output_token_ids, r.spec_token_ids = [4, 5, 6], [7, 8, 9]
+    full = list(range(1, 10))
+    assert all(r.token_slice(a, b) == full[a:b] for a in range(10) for b in range(a, 10))
