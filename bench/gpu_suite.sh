@@ -11,6 +11,7 @@
 #   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32    v: spec bench only
 #   o: spec bench on every workload, then the cascade + speculation GPU check
 #   h: per-phase host profile of speculating steps (SmolLM2)
+#   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
 # Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -100,8 +101,15 @@ x)  # cascade: GPU check, kernel timings, prefix bench on the Qwen3-0.6B shape (
   ;;
 y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half)
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
-  timeout 300 python -m bench.profile_decode --dummy-weights qwen3-0.6b --batch 256 --prefix 1024 > "$OUT/profile-decode.log" 2>&1
-  cat "$OUT/profile-decode.log" | grep -v Warning | head -150
+  # env: PROFILE_SHAPE (qwen3-0.6b), PROFILE_CASCADE (auto,off), KERNEL_SHAPE (also time the kernels in that shape)
+  if [ -n "${KERNEL_SHAPE:-}" ]; then
+    log "kernels $KERNEL_SHAPE"; timeout 180 python bench/kernels.py --shape $KERNEL_SHAPE --name kernels-$KERNEL_SHAPE-h100 \
+      > "$OUT/kernels.log" 2>&1; tail -22 "$OUT/kernels.log"
+  fi
+  log "decode profile"
+  timeout 300 python -m bench.profile_decode --dummy-weights ${PROFILE_SHAPE:-qwen3-0.6b} --batch 256 --prefix 1024 \
+    --cascade ${PROFILE_CASCADE:-auto,off} > "$OUT/profile-decode.log" 2>&1
+  cat "$OUT/profile-decode.log" | grep -v Warning | head -${PROFILE_LINES:-150}
   ;;
 z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"

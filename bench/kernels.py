@@ -15,7 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels.cascade_attention import cascade_decode_attention, concat_block_tables, group_layout  # noqa: E402
 from kernels.decode_attention import gather_kv, paged_decode_attention  # noqa: E402
 
-HQ, HKV, D, BS = 16, 8, 128, 16  # Qwen3-0.6B attention shape
+SHAPES = {"qwen3-0.6b": (16, 8, 128), "smollm2-135m": (9, 3, 64)}  # query heads, kv heads, head dim
+HQ, HKV, D = SHAPES["qwen3-0.6b"]
+BS = 16
 DT = torch.bfloat16
 
 
@@ -86,6 +88,13 @@ def bench_cascade(fig, B=256, prefix=768, suffix=256):
 
 
 def main():
+    global HQ, HKV, D
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="attention shape")
+    ap.add_argument("--name", default="kernels", help="result file name")
+    args = ap.parse_args()
+    HQ, HKV, D = SHAPES[args.shape]
     torch.manual_seed(0)
     baseline = {"d2d_copy_GBps": copy_bandwidth()}
     fig = {}
@@ -100,13 +109,13 @@ def main():
     commit = git_commit()  # PREFIXQ_COMMIT first: the device's copy may carry a stale .git
     res = {"device": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "commit": commit, "command": " ".join([sys.executable.split("/")[-1]] + sys.argv),
-           "figures": fig, "baseline": baseline}
+           "shape": args.shape, "figures": fig, "baseline": baseline}
     print(f"{'name':58s} {'value':>12s}")
     for k, val in {**baseline, **fig}.items():
         print(f"{k:58s} {val:12.1f}")
     out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "kernels.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{args.name}.json"), "w") as f:
         json.dump(res, f, indent=2)
 
 

@@ -24,7 +24,10 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--cascade", default="auto,off",
+                    help="comma list of cascade settings to compare: auto, on (forced, any KV width), off")
     args = ap.parse_args(argv)
+    settings = {"auto": "auto", "on": True, "off": False}
     from engine.llm_engine import LLMEngine
     from engine.models.shapes import dummy_model_dir
     from engine.sampling_params import SamplingParams
@@ -33,7 +36,7 @@ def main(argv=None) -> None:
     system = [rng.randrange(100, 30000) for _ in range(args.prefix)]
     prompts = [system + [rng.randrange(100, 30000) for _ in range(rng.randint(64, 256))] for _ in range(args.batch)]
     sp = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True, detokenize=False)
-    for cascade in ("auto", False):
+    for cascade in (settings[c] for c in args.cascade.split(",")):
         eng = LLMEngine(path, tokenizer=None, load_format="dummy", max_model_len=4096, cascade_attention=cascade,
                         num_gpu_blocks_override=args.batch * 40 + 200)
         for i, p in enumerate(prompts):
