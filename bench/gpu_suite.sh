@@ -11,6 +11,7 @@
 #   z: spec bench, SmolLM2-shape prefix bench, spec profile at batch 32    v: spec bench only
 #   o: spec bench on every workload, then the cascade + speculation GPU check
 #   h: per-phase host profile of speculating steps (SmolLM2)
+#   e: engine GPU checks, SmolLM2-shape decode profile and prefix bench with cascade on
 #   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
 # Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
@@ -148,6 +149,19 @@ h)  # SmolLM2: per-phase host profile of speculating steps (n-gram, then suffix)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   timeout ${PROFILE_TIMEOUT:-200} python -m bench.profile_spec --batch ${PROFILE_BATCH:-1,32} --method ngram $PROFILE_ARGS 2>&1 | grep "^== \|^   "
   [ -n "${PROFILE_BATCH2:-}" ] && timeout 200 python -m bench.profile_spec --batch $PROFILE_BATCH2 --method suffix 2>&1 | grep "^== \|^   "
+  ;;
+e)  # engine GPU checks, SmolLM2-shape decode profile (cascade on/off), its prefix bench with cascade on (parks)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  log "engine GPU checks"
+  timeout ${CHECK_TIMEOUT:-240} python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_block_table.py -k "not smollm2" \
+    > "$OUT/gpu-check.log" 2>&1; tail -c 1500 "$OUT/gpu-check.log"
+  log "decode profile smollm2-135m"
+  timeout 200 python -m bench.profile_decode --dummy-weights smollm2-135m --batch 256 --prefix 1024 --cascade on,off \
+    > "$OUT/profile-decode.log" 2>&1; grep "^===\|^period" "$OUT/profile-decode.log"
+  log "prefix smollm2-135m, cascade on"
+  timeout ${PREFIX_TIMEOUT:-300} python -m bench.prefix --dummy-weights smollm2-135m --cascade on \
+    --workloads ${PREFIX_WORKLOADS:-a,b,c} --name prefix-smollm2-h100-cascade-on > "$OUT/prefix-smollm2.log" 2>&1
+  grep -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log"
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

@@ -262,7 +262,13 @@ def build_engine(args, path: str, num_blocks: int, max_model_len: int):
               seed=args.seed)
     if args.dummy_weights:
         kw["load_format"] = "dummy"
-    return LLMEngine(path, **kw)
+    if args.cascade == "on":
+        kw["cascade_attention"] = True
+    eng = LLMEngine(path, **kw)
+    if args.cascade == "on":
+        from engine.model_runner import CASCADE_MIN_ROWS
+        eng.runner.cascade_min_rows = CASCADE_MIN_ROWS  # the GPU default's row threshold, not the tests' 2
+    return eng
 
 
 def warm_up(eng, prompts: list[list[int]]) -> None:
@@ -298,6 +304,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--gate", action="store_true", help="also hold a row back in the feeder until its predecessor's shared prefix is cached")
     ap.add_argument("--modes", default=None, help="comma list of modes to run (default: all for --feed)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--cascade", choices=["auto", "on"], default="auto",
+                    help="shared-prefix decode attention: the engine's default, or on whatever the model's KV width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="result file name (bench/results/<name>.json)")
     ap.add_argument("--out-dir", default=None)
@@ -399,7 +407,8 @@ def main(argv=None) -> dict:
                      "cache_fraction": args.cache_fraction, "floor_seqs": args.floor_seqs,
                      "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
-                     "feed": args.feed, "gate": args.gate, "modes": modes, "seed": args.seed},
+                     "feed": args.feed, "gate": args.gate, "modes": modes, "seed": args.seed,
+                     "cascade": args.cascade},
         "details": details})
     print(f"wrote {out}")
     print_table(f"{name} on {dev}: prefix caching and grouping (feed {args.feed}, "

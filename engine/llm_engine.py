@@ -221,7 +221,7 @@ class LLMEngine:
 
     def _launch(self, batch, t0: float) -> "_Inflight":
         t1 = time.perf_counter()
-        inp = self.runner.prepare(batch, self._inflight)
+        inp = self.runner.prepare(batch, self._inflight, self.block_manager.table)
         t2 = time.perf_counter()
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine.block_table import BlockTable
 from engine.cascade_plan import MAX_GROUPS, plan_cascade
+from engine.pinned_upload import PinnedUpload
 from engine.config import EngineConfig
 from engine.models.llama import AttentionMetadata, CascadeMetadata
 from engine.models.loader import build_model
@@ -79,6 +81,7 @@ class ModelRunner:
             torch.cuda.synchronize()
         self.model_load_seconds = time.perf_counter() - t0
         self.block_size = config.block_size
+        self.upload = PinnedUpload(self.device)
         self.max_blocks_per_seq = -(-max_model_len // self.block_size)
         self.num_blocks = self._num_kv_blocks()
         a = self.arch
@@ -151,47 +154,68 @@ class ModelRunner:
         del kc, h
 
     # ---- inputs ------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, prev=None) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, prev=None, block_table: BlockTable | None = None) -> StepInputs:
         """Flat inputs for the batch. `prev` is the step still in flight (or None): a token it
         is still sampling (a placeholder on the host) is gathered from its `tokens` on the
         device, and where it verified drafts, the number it accepted (its `offsets`, known only
-        on the device) shifts the request's positions, slots and context here, on the device."""
+        on the device) shifts the request's positions, slots and context here, on the device.
+        `block_table` is the block manager's (one gather); without it the rows are copied."""
         reqs, counts = batch.requests, batch.num_tokens
         B = len(reqs)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
         lens = np.asarray(counts, dtype=np.int64)
         T = int(lens.sum())
         prev_offsets = prev.offsets if prev is not None else None
-        ids: list[int] = []
-        gathered: list[tuple[int, int]] = []  # (flat token, row of the step in flight) for placeholders
+        plain = T == B and prev_offsets is None
+        if plain:
+            # Plain decode: one token per request, the last of its history. The common step of
+            # a large batch, so built with comprehensions instead of the general loop below.
+            ends = np.fromiter((len(r.prompt_token_ids) + len(r.output_token_ids) for r in reqs),
+                               dtype=np.int64, count=B)
+            plain = bool((ends == starts + 1).all())
         shifted: list[tuple[int, int, int, int]] = []  # (request, first token, tokens, offset row)
-        sample_rows, rows_per_req, logit_idx = [], [], []
-        drafts: list[list[int]] = []
-        cu = 0
-        for i, (r, s, n) in enumerate(zip(reqs, starts.tolist(), counts)):
-            ntok = r.num_tokens
-            if s + n <= len(r.prompt_token_ids):
-                ids.extend(r.prompt_token_ids[s:s + n])
-            elif n == 1 and not r.spec_token_ids:
-                ids.append(r.output_token_ids[-1])  # plain decode
-            else:
-                ids.extend(r.token_slice(s, s + n))
-            if r.num_pending and s <= ntok - 1 < s + n:  # the newest token is still on the device
-                gathered.append((cu + ntok - 1 - s, r.pending_row))
-                if prev_offsets is not None:
-                    shifted.append((i, cu, n, r.pending_row))
-            end = s + n
-            if end >= ntok:  # reached the real tokens' end: this request samples
-                k = end - ntok  # drafts scored this step
-                sample_rows.append(i)
-                rows_per_req.append(k + 1)
-                logit_idx.extend(range(cu + n - k - 1, cu + n))
-                drafts.append(r.spec_token_ids[:k])
-            cu += n
-        max_blocks = max(len(r.blocks) for r in reqs)
-        table = np.zeros((B, max_blocks), dtype=np.int32)
-        for i, r in enumerate(reqs):
-            table[i, :len(r.blocks)] = r.block_ids
+        if plain:
+            ids = [(r.output_token_ids or r.prompt_token_ids)[-1] for r in reqs]
+            g = np.fromiter((r.pending_row if r.num_pending else -1 for r in reqs), dtype=np.int64, count=B)
+            gather_rows = g if (g >= 0).any() else None
+            sample_rows, rows_per_req, logit_idx = list(range(B)), [1] * B, np.arange(B)
+            drafts: list[list[int]] = [[]] * B
+        else:
+            ids, gathered = [], []  # gathered: (flat token, row of the step in flight) for placeholders
+            sample_rows, rows_per_req, logit_idx, drafts = [], [], [], []
+            cu = 0
+            for i, (r, s, n) in enumerate(zip(reqs, starts.tolist(), counts)):
+                ntok = r.num_tokens
+                if s + n <= len(r.prompt_token_ids):
+                    ids.extend(r.prompt_token_ids[s:s + n])
+                elif n == 1 and not r.spec_token_ids:
+                    ids.append(r.output_token_ids[-1])  # plain decode
+                else:
+                    ids.extend(r.token_slice(s, s + n))
+                if r.num_pending and s <= ntok - 1 < s + n:  # the newest token is still on the device
+                    gathered.append((cu + ntok - 1 - s, r.pending_row))
+                    if prev_offsets is not None:
+                        shifted.append((i, cu, n, r.pending_row))
+                end = s + n
+                if end >= ntok:  # reached the real tokens' end: this request samples
+                    k = end - ntok  # drafts scored this step
+                    sample_rows.append(i)
+                    rows_per_req.append(k + 1)
+                    logit_idx.extend(range(cu + n - k - 1, cu + n))
+                    drafts.append(r.spec_token_ids[:k])
+                cu += n
+            gather_rows = None
+            if gathered:
+                gather_rows = np.full(T, -1, dtype=np.int64)
+                at, src = zip(*gathered)
+                gather_rows[list(at)] = src
+        max_blocks = max(len(r.block_ids) for r in reqs)
+        if block_table is not None:
+            table = block_table.gather(reqs, max_blocks)
+        else:
+            table = np.zeros((B, max_blocks), dtype=np.int32)
+            for i, r in enumerate(reqs):
+                table[i, :len(r.block_ids)] = r.block_ids
         hit = np.fromiter((r.num_hit_tokens for r in reqs), dtype=np.int64, count=B)
         cu_q = np.zeros(B + 1, dtype=np.int32)
         np.cumsum(lens, out=cu_q[1:])
@@ -227,11 +251,8 @@ class ModelRunner:
         # (with its block-table row, to recompute its slot); per attention row and per sampling
         # request, the row that shifts its context or sampling position.
         patch = []
-        if gathered:
-            g = np.full(T, -1, dtype=np.int64)
-            at, src = zip(*gathered)
-            g[list(at)] = src
-            patch.append(g)
+        if gather_rows is not None:
+            patch.append(gather_rows)
             if shifted:
                 sh = np.full(T, -1, dtype=np.int64)
                 csh = np.full(B_rows, -1, dtype=np.int64)
@@ -270,12 +291,13 @@ class ModelRunner:
         # would compile a new variant in the middle of a job.
         sizes = [len(p) for p in parts]
         padded = [n + (n & 1) for n in sizes]
-        buf = np.zeros(sum(padded), dtype=np.int64)
+        total = sum(padded)
+        buf = self.upload.stage(total)
         at = 0
         for p_, n, m in zip(parts, sizes, padded):
             buf[at:at + n] = p_
             at += m
-        flat = _to(buf, dev)
+        flat = self.upload.send(total)
         pieces = [x[:n] for x, n in zip(torch.split(flat, padded), sizes)]
         input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t = pieces[:7]
         pieces = pieces[7:]
@@ -418,10 +440,3 @@ class ModelRunner:
         g["c_suffix_lens"][B:size].fill_(1)
         self.cascade_graphs[size].replay()
         return g[f"clogits_{size}"][:B][inp.logits_indices]
-
-
-def _to(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(a)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t

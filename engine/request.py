@@ -35,6 +35,7 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     blocks: list = field(default_factory=list)  # KVBlock objects, in order
     block_ids: list[int] = field(default_factory=list)  # their ids, kept beside them for input prep
+    table_row: int = -1  # its row in the block manager's BlockTable while it holds blocks
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     num_preemptions: int = 0
