@@ -14,8 +14,48 @@ import cProfile
 import pstats
 import random
 import time
+import types
 
 import torch
+
+
+def _phase_times(eng, steps: int) -> dict[str, float]:
+    """Seconds per step spent in each part of the engine's step, on the host."""
+    import engine.llm_engine as le
+    acc: dict[str, float] = {}
+    undo = []
+
+    def wrap(obj, name, label):
+        fn = getattr(obj, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
+        setattr(obj, name, timed)
+        undo.append((obj, name, fn))
+
+    wrap(eng.scheduler, "schedule", "schedule")
+    wrap(eng.runner, "prepare", "prepare")
+    wrap(eng.runner, "forward", "forward launch")
+    wrap(le, "sample", "sample launch")
+    wrap(le._Inflight, "copy_to_host", "copy to host")
+    wrap(le._Inflight, "wait", "wait for GPU")
+    wrap(eng, "_finish", "finish (incl. wait)")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    torch.cuda.synchronize()
+    acc["period"] = time.perf_counter() - t0
+    for obj, name, fn in reversed(undo):
+        if isinstance(obj, (type, types.ModuleType)):
+            setattr(obj, name, fn)
+        else:
+            delattr(obj, name)  # the instance's wrapper hid the class's method
+    return {k: v / steps for k, v in acc.items()}
 
 
 def main(argv=None) -> None:
@@ -52,6 +92,9 @@ def main(argv=None) -> None:
             eng.step()
         torch.cuda.synchronize()
         period = (time.perf_counter() - t0) / args.steps
+        # 1b) host time per phase of the step (wrappers around the engine's parts)
+        phases = _phase_times(eng, args.steps)
+        print("host ms per step by phase: " + ", ".join(f"{k} {v * 1e3:.3f}" for k, v in phases.items()))
         # 2) host time outside the wait for the GPU, with the top host functions
         waited = [0.0]
         import engine.llm_engine as le
