@@ -32,24 +32,30 @@ class CascadePlan:
     num_groups: int            # real groups used
 
 
-def plan_cascade(table: np.ndarray, ctx: np.ndarray, block_size: int, max_groups: int = MAX_GROUPS,
-                 min_saved_fraction: float = 0.3) -> CascadePlan | None:
-    """Groups for rows with block tables `table` [B, W] and context lengths `ctx` [B], or
-    None when sharing would save less than `min_saved_fraction` of the KV reads."""
+@dataclass
+class RowGroups:
+    """Which rows share how many leading blocks: group g is rows[offsets[g]:offsets[g] + sizes[g]],
+    whose first common[g] blocks are the same, listed best group (most reads saved) first."""
+    rows: np.ndarray
+    sizes: np.ndarray
+    common: np.ndarray
+
+
+def find_groups(table: np.ndarray, ctx: np.ndarray, block_size: int,
+                max_groups: int = MAX_GROUPS) -> RowGroups | None:
+    """The max_groups groups that save the most reads, at the best level of the block-id trie."""
     B = len(ctx)
     if B < 2:
         return None
     # A row's prefix stops before the block holding its last token: that block may be
     # its own, and the suffix must not be empty.
     cap = (np.asarray(ctx, dtype=np.int64) - 1) // block_size
-    first = table[:, 0]
-    if len(np.unique(first)) == B:  # the common case without sharing costs one unique
+    if len(np.unique(table[:, 0])) == B:  # the common case without sharing costs one unique
         return None
     found = _best_level(table, cap)
     if found is None:
         return None
     rows, sizes, common = found
-    # Keep the max_groups groups that save the most, in that order.
     gain = (sizes - 1) * common
     rank = np.argsort(-gain, kind="stable")[:max_groups]
     group_of_row = np.repeat(np.arange(len(sizes)), sizes)
@@ -58,11 +64,17 @@ def plan_cascade(table: np.ndarray, ctx: np.ndarray, block_size: int, max_groups
     row_rank = pos[group_of_row]
     keep = row_rank >= 0
     rows = rows[keep][np.argsort(row_rank[keep], kind="stable")]
-    sizes, common = sizes[rank], common[rank]
+    return RowGroups(rows, sizes[rank], common[rank])
+
+
+def layout(groups: RowGroups, table: np.ndarray, ctx: np.ndarray, block_size: int,
+           max_groups: int = MAX_GROUPS, min_saved_fraction: float = 0.3) -> CascadePlan | None:
+    """The kernel's fixed layout for these groups, or None when they save too little."""
+    rows, sizes, common = groups.rows, groups.sizes, groups.common
     saved = int(((sizes - 1) * common).sum())
     if saved * block_size < min_saved_fraction * float(np.sum(ctx)):
         return None
-    W = table.shape[1]
+    B, W = table.shape
     G = max_groups + 1
     ng = len(sizes)
     first = rows[np.cumsum(sizes) - sizes]
@@ -85,6 +97,55 @@ def plan_cascade(table: np.ndarray, ctx: np.ndarray, block_size: int, max_groups
     suffix_lens = (np.asarray(ctx, dtype=np.int64) - row_blocks * block_size).astype(np.int32)
     return CascadePlan(prefix_tables, prefix_lens, group_cu, order, suffix_tables, suffix_lens,
                        saved * block_size, ng)
+
+
+def plan_cascade(table: np.ndarray, ctx: np.ndarray, block_size: int, max_groups: int = MAX_GROUPS,
+                 min_saved_fraction: float = 0.3) -> CascadePlan | None:
+    """Groups for rows with block tables `table` [B, W] and context lengths `ctx` [B], or
+    None when sharing would save less than `min_saved_fraction` of the KV reads."""
+    groups = find_groups(table, ctx, block_size, max_groups)
+    if groups is None:
+        return None
+    return layout(groups, table, ctx, block_size, max_groups, min_saved_fraction)
+
+
+class CascadePlanner:
+    """plan_cascade, reusing the grouping while a decode batch keeps the same requests in the
+    same order (most steps of a large batch). A running request's blocks only ever grow at
+    the end, with blocks of its own, so its groups stay valid; the check that the shared
+    columns are unchanged also catches a request that lost its blocks and got others."""
+
+    def __init__(self, block_size: int, max_groups: int = MAX_GROUPS, min_saved_fraction: float = 0.3) -> None:
+        self.block_size, self.max_groups, self.min_saved_fraction = block_size, max_groups, min_saved_fraction
+        self._key: list = []
+        self._groups: RowGroups | None = None
+        self._shared: np.ndarray | None = None  # grouped rows' first columns when the groups were found
+        self._mask: np.ndarray | None = None  # which of those columns each row shares
+        self.reused = 0  # plans made from remembered groups (tests, diagnostics)
+
+    def plan(self, key: list, table: np.ndarray, ctx: np.ndarray) -> CascadePlan | None:
+        g = self._groups
+        if not (g is not None and key == self._key and self._valid(table, ctx)):
+            g = self._groups = find_groups(table, ctx, self.block_size, self.max_groups)
+            self._key = list(key)
+            if g is not None:  # each grouped row's shared columns, to check they still hold
+                wc = int(g.common.max())
+                self._shared = table[g.rows, :wc].copy()
+                self._mask = np.arange(wc)[None, :] < np.repeat(g.common, g.sizes)[:, None]
+            if g is None:
+                return None
+        else:
+            self.reused += 1
+        return layout(g, table, ctx, self.block_size, self.max_groups, self.min_saved_fraction)
+
+    def _valid(self, table: np.ndarray, ctx: np.ndarray) -> bool:
+        g, shared = self._groups, self._shared
+        if table.shape[1] < shared.shape[1]:
+            return False
+        if not ((table[g.rows, :shared.shape[1]] == shared) | ~self._mask).all():
+            return False
+        cap = (np.asarray(ctx, dtype=np.int64) - 1) // self.block_size
+        return bool((cap[g.rows] >= np.repeat(g.common, g.sizes)).all())
 
 
 def _best_level(table: np.ndarray, cap: np.ndarray, max_levels: int = 4):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from engine.block_table import BlockTable
-from engine.cascade_plan import MAX_GROUPS, plan_cascade
+from engine.cascade_plan import MAX_GROUPS, CascadePlanner
 from engine.pinned_upload import PinnedUpload
 from engine.config import EngineConfig
 from engine.models.llama import AttentionMetadata, CascadeMetadata
@@ -98,6 +98,7 @@ class ModelRunner:
                 and self.arch.num_kv_heads * self.arch.head_dim >= CASCADE_MIN_KV_WIDTH:
             self.cascade_min_rows = CASCADE_MIN_ROWS
         self.cascade_steps = 0  # decode steps that ran cascade attention
+        self.cascade_planner = CascadePlanner(self.block_size)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_bufs: dict[str, torch.Tensor] = {}
@@ -245,7 +246,7 @@ class ModelRunner:
         # the L2 cache; cascade there is unmeasured, so it stays on plain decode steps. Its plan
         # is made from host-side context lengths, so not where the device shifts them.
         if q_max == 1 and not shifted and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
-            plan = plan_cascade(table, ctx, self.block_size)
+            plan = self.cascade_planner.plan(reqs, table, ctx)
         # What the step in flight patches in (one kernel, `ops.patch_step_inputs`): per flat
         # token, the row to take its input id from and the row whose accepted drafts shift it
         # (with its block-table row, to recompute its slot); per attention row and per sampling

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cascade_plan import plan_cascade
+from engine.cascade_plan import CascadePlanner, plan_cascade
 from engine.sampling_params import SamplingParams
 from tests.engine_helpers import mixed_prompts
 from tests.test_engine_correctness import run_engine, tiny_engine
@@ -71,6 +71,50 @@ def test_plan_covers_every_row_and_reproduces_its_table(seed, n_rows, width, bra
     if plan is not None:
         check_plan(tables, ctx, plan)
         assert plan.num_groups <= 4
+
+
+def grow(tables: np.ndarray, ctx: np.ndarray, steps: int, next_id: list[int]):
+    """Decode `steps` tokens in every row: a new private block whenever a row's last one fills."""
+    tables, ctx = tables.copy(), ctx.copy()
+    for _ in range(steps):
+        for r in range(len(ctx)):
+            if ctx[r] % BS == 0:
+                col = ctx[r] // BS
+                if col >= tables.shape[1]:
+                    tables = np.pad(tables, ((0, 0), (0, 1)))
+                tables[r, col] = next_id[0]
+                next_id[0] += 1
+            ctx[r] += 1
+    return tables, ctx
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31), st.integers(2, 40), st.integers(2, 9), st.integers(1, 4))
+def test_planner_reuses_groups_only_while_they_hold(seed, n_rows, width, branch):
+    rng = np.random.default_rng(seed)
+    ids = [1]
+    tables, ctx = trie_tables(rng, n_rows, width, branch, ids)
+    reqs = [object() for _ in range(n_rows)]
+    planner = CascadePlanner(BS, max_groups=4, min_saved_fraction=0.0)
+    first = planner.plan(reqs, tables, ctx)
+    for step in range(3):
+        tables, ctx = grow(tables, ctx, int(rng.integers(1, 20)), ids)
+        plan = planner.plan(reqs, tables, ctx)
+        assert (plan is None) == (first is None)
+        if plan is not None:
+            check_plan(tables, ctx, plan)  # remembered groups, still a correct layout
+    if first is not None:
+        assert planner.reused == 3
+        # A row that lost its blocks and got others: the groups are found again.
+        moved = tables.copy()
+        moved[int(first.order[0]), 0] = ids[0]
+        plan = planner.plan(reqs, moved, ctx)
+        assert planner.reused == 3
+        if plan is not None:
+            check_plan(moved, ctx, plan)
+        # Another batch (other requests): found again too.
+        planner.plan([object() for _ in range(n_rows)], tables, ctx)
+        assert planner.reused == 3
 
 
 def test_plan_prefers_nested_groups_when_they_save_more():
