@@ -344,3 +344,17 @@ def test_new_requests_start_from_recent_acceptance():
     for i in range(60):
         _train(c, f"chat{i}", 0.1)
     assert c.acceptance("new") < 0.3
+
+
+def test_a_learned_drafting_overhead_fades_back_when_nothing_drafts():
+    """A slow spell can price drafting out; with no drafting steps the overhead would never be
+    learned again. Plain steps fade it back toward the prior, so copying drafts again."""
+    c = SpecController(max_k=4)
+    sure = _trained(c, "s", 1, 0.9)
+    c.observe_step(1, 1, drafted=False, overlapped=True, seconds=0.001)
+    for _ in range(10):
+        c.observe_step(1, 5, drafted=True, overlapped=False, seconds=0.006)  # a host stall
+    assert c.sync_cost(1) > 3.5 and c.choose_k(sure) == [0]
+    for _ in range(300):  # 300 plain steps: under half a second of a batch-1 job
+        c.observe_step(1, 1, drafted=False, overlapped=True, seconds=0.001)
+    assert c.sync_cost(1) < 1.0 and c.choose_k(sure)[0] > 0

@@ -116,6 +116,11 @@ class SpecController:
     # the GPU, the proposer, verification) costs far more than `sync_factor` says.
     max_sync: float = 4.0
     sync_learn_rate: float = 0.3
+    # Per overlapped plain step, a learned overhead fades this much back toward `sync_factor`.
+    # It is only learned from drafting steps, so one slow spell (a noisy host) that priced
+    # drafting out would otherwise stop drafting for good: measured on the H100, extraction
+    # at batch 1 fell from 2.0x to 1.0x in some runs and not in others.
+    sync_fade: float = 0.01
     _sync: dict[int, float] = field(default_factory=dict)
     recent_decay: float = 0.995  # per trial: about the last 200 trials count
     _recent_acc: float = 0.0
@@ -155,6 +160,9 @@ class SpecController:
                 self._learn(b, seconds / plain - self.step_cost(rows) / self.step_cost(batch))
         elif overlapped:
             self._plain_s[b] = seconds if plain is None else 0.8 * plain + 0.2 * seconds
+            old = self._sync.get(b)
+            if old is not None:
+                self._sync[b] = old + self.sync_fade * (self.sync_factor - old)
 
     def _learn(self, b: int, overhead: float) -> None:
         x = min(max(overhead, 0.0), self.max_sync)
