@@ -15,6 +15,7 @@ import pstats
 import random
 import time
 import types
+from collections import defaultdict
 
 import torch
 
@@ -22,20 +23,13 @@ import torch
 def _phase_times(eng, steps: int) -> dict[str, float]:
     """Seconds per step spent in each part of the engine's step, on the host."""
     import engine.llm_engine as le
-    acc: dict[str, float] = {}
+    from bench.profile_spec import _timed
+    acc: dict[str, float] = defaultdict(float)
     undo = []
 
-    def wrap(obj, name, label):
-        fn = getattr(obj, name)
-
-        def timed(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                acc[label] = acc.get(label, 0.0) + time.perf_counter() - t
-        setattr(obj, name, timed)
-        undo.append((obj, name, fn))
+    def wrap(obj, name, label):  # the spec profile's timer, remembering what to restore
+        undo.append((obj, name, getattr(obj, name)))
+        _timed(obj, name, acc, label)
 
     wrap(eng.scheduler, "schedule", "schedule")
     wrap(eng.runner, "prepare", "prepare")
