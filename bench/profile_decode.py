@@ -114,7 +114,7 @@ def main(argv=None) -> None:
             eng._finish(eng._inflight)
             eng._inflight = None
         batch = eng.scheduler.schedule()
-        inp = eng.runner.prepare(batch, None)
+        inp = eng.runner.prepare(batch, None, eng.block_manager.table)
         eng.runner.forward(inp)
         torch.cuda.synchronize()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -155,12 +155,12 @@ class ModelRunner:
         del kc, h
 
     # ---- inputs ------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, prev=None, block_table: BlockTable | None = None) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, prev, block_table: BlockTable) -> StepInputs:
         """Flat inputs for the batch. `prev` is the step still in flight (or None): a token it
         is still sampling (a placeholder on the host) is gathered from its `tokens` on the
         device, and where it verified drafts, the number it accepted (its `offsets`, known only
         on the device) shifts the request's positions, slots and context here, on the device.
-        `block_table` is the block manager's (one gather); without it the rows are copied."""
+        `block_table`: the block manager's, holding every request's block ids."""
         reqs, counts = batch.requests, batch.num_tokens
         B = len(reqs)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
@@ -210,13 +210,8 @@ class ModelRunner:
                 gather_rows = np.full(T, -1, dtype=np.int64)
                 at, src = zip(*gathered)
                 gather_rows[list(at)] = src
-        max_blocks = max(len(r.block_ids) for r in reqs)
-        if block_table is not None:
-            table = block_table.gather(reqs, max_blocks)
-        else:
-            table = np.zeros((B, max_blocks), dtype=np.int32)
-            for i, r in enumerate(reqs):
-                table[i, :len(r.block_ids)] = r.block_ids
+        table = block_table.gather(reqs, max(len(r.block_ids) for r in reqs))
+        max_blocks = table.shape[1]
         hit = np.fromiter((r.num_hit_tokens for r in reqs), dtype=np.int64, count=B)
         cu_q = np.zeros(B + 1, dtype=np.int32)
         np.cumsum(lens, out=cu_q[1:])

@@ -202,7 +202,7 @@ def test_smollm2_bf16_error_is_bf16_rounding():
     eng = LLMEngine("smollm2", device="cpu", dtype="bfloat16", kv_cache_memory=32 << 20)
     req = Request("x", seq, SamplingParams(max_tokens=1))
     assert eng.block_manager.allocate_slots(req, len(seq))
-    inp = eng.runner.prepare(ScheduledBatch([req], [len(seq)]))
+    inp = eng.runner.prepare(ScheduledBatch([req], [len(seq)]), None, eng.block_manager.table)
     with torch.inference_mode():
         ours = eng.runner.model.compute_logits(eng.runner.model(inp.input_ids, inp.positions, inp.meta)).float()
     err_ours, err_hf = (ours - l32).abs().mean(), (hf16 - l32).abs().mean()
