@@ -13,6 +13,7 @@
 #   h: per-phase host profile of speculating steps (SmolLM2)
 #   e: engine GPU checks, SmolLM2-shape decode profile and prefix bench with cascade on
 #   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
+#   ab: the spec bench on several source trees in one call (SPEC_TREES)
 # Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -165,6 +166,19 @@ e)  # engine GPU checks, SmolLM2-shape decode profile (cascade on/off), its pref
     --workloads ${PREFIX_WORKLOADS:-a,b,c} ${PREFIX_ARGS:-} --name ${PREFIX_NAME:-prefix-smollm2-h100-cascade-on} \
     > "$OUT/prefix-smollm2.log" 2>&1
   grep -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log"
+  ;;
+ab)  # SmolLM2: the spec bench on several source trees in one call, on one card (A/B, bisecting)
+  # env: SPEC_TREES ("prev_<rev> ." : folders unpacked with `git archive <rev> | tar -x -C prev_<rev>`),
+  # SPEC_WORKLOADS, SPEC_BATCHES, SPEC_METHODS, SPEC_ARGS (e.g. "--trace $OUT/trace.jsonl")
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  for tree in ${SPEC_TREES:-.}; do
+    tag=$( [ "$tree" = . ] && echo "$PREFIXQ_COMMIT" || echo "${tree#prev_}" )
+    log "spec, tree $tree ($tag)"
+    (cd "$tree" && PREFIXQ_COMMIT=$tag timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 \
+      --workloads ${SPEC_WORKLOADS:-extract,rewrite,chat} --batch-sizes ${SPEC_BATCHES:-1,32,256} \
+      --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-h100-ab-$tag ${SPEC_ARGS:-}) > "$OUT/spec-$tag.log" 2>&1
+    grep -v "Warning\|warn" "$OUT/spec-$tag.log" | tail -${SPEC_LINES:-24}
+  done
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import time
 
@@ -130,6 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-blocks", type=int, default=8192, help="KV pool per engine (several engines share the GPU)")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--trace", default=None, help="write every step of every run here, one JSON line each")
     args = ap.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,6 +160,11 @@ def main(argv=None) -> dict:
             raise SystemExit(f"unknown method {m!r}: use ngram, suffix, ngram-ahead or suffix-ahead")
         engines[m] = make_engine(dict(base_kw, speculative_method=base, num_speculative_tokens=args.k, **extra))
     figures, baseline, rows, mismatches = {}, {}, [], []
+    traces, trace_file = {}, None
+    if args.trace:
+        from bench.step_trace import StepTrace
+        traces = {m: StepTrace(e) for m, e in engines.items()}
+        trace_file = open(args.trace, "w")
     for name in args.workloads.split(","):
         for b in batch_sizes:
             prompts = [encode(m) for m in wl[name][:n_requests[b]]]
@@ -165,9 +172,12 @@ def main(argv=None) -> dict:
             # second vary by several percent from one to the next).
             best: dict[str, dict] = {}
             ref = None
-            for _ in range(args.repeats):
+            for rep in range(args.repeats):
                 for mode in ["off"] + methods:
                     fig, outs = run_mode(engines[mode], prompts, args.max_tokens, b)
+                    if trace_file is not None:
+                        for i, st in enumerate(traces[mode].take()):
+                            trace_file.write(json.dumps({"run": f"{name} b={b} {mode} #{rep}", "step": i, **st}) + "\n")
                     if ref is None:
                         ref = outs
                     same = sum(o == r for o, r in zip(outs, ref))
@@ -185,7 +195,9 @@ def main(argv=None) -> dict:
                           "wait_steps"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
                 rows.append((f"{name} b={b} {method}", fig))
-    del engines
+    if trace_file is not None:
+        trace_file.close()
+    del engines, traces
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

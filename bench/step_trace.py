@@ -1,0 +1,61 @@
+"""Per-step trace of an engine (diagnostics): for each finished step, its period and, with
+speculation, the governor's mode, whether it drafted or overlapped, the controller's learned
+drafting overhead, and the host time spent since the last step in drafting, the proposer,
+waiting for the step in flight and indexing finished requests. `bench.spec --trace FILE`
+writes one JSON line per step, labelled with its run, to find where a slow run lost time."""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+
+class StepTrace:
+    def __init__(self, eng) -> None:
+        self.eng = eng
+        self.steps: list[dict] = []
+        self._host: dict[str, float] = defaultdict(float)
+        spec = eng.spec
+        if spec is None:
+            self._wrap(eng, "_record_step", self._on_record)
+            return
+        self._wrap(spec, "draft_ahead", timer="draft_ahead")
+        self._wrap(spec.proposer, "propose", timer="propose")
+        self._wrap(spec, "on_finished", timer="on_finished")
+        self._wrap(eng, "_wait_inflight", timer="wait")
+        self._wrap(spec, "observe", self._on_observe)
+
+    def _wrap(self, obj, name: str, after=None, timer: str | None = None) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            if timer:
+                self._host[timer] += time.perf_counter() - t0
+            if after is not None:
+                after(out, *a, **kw)
+            return out
+        setattr(obj, name, wrapper)
+
+    def _host_ms(self) -> dict:
+        out = {f"{k}_ms": round(v * 1e3, 3) for k, v in self._host.items() if v}
+        self._host.clear()
+        return out
+
+    def _on_record(self, period, inp, *_a, **_kw) -> None:
+        m = inp.meta
+        self.steps.append({"ms": round(period * 1e3, 3), "rows": int(m.block_tables.shape[0]),
+                           "decode": bool(m.is_decode)})
+
+    def _on_observe(self, _out, batch, spec_mode, tokens, seconds, rows=0, drafted=False, overlapped=False,
+                    decode_only=True) -> None:
+        c = self.eng.spec.controller
+        self.steps.append({"ms": round(seconds * 1e3, 3), "batch": batch, "spec": bool(spec_mode),
+                           "tokens": tokens, "rows": rows, "drafted": bool(drafted), "overlapped": bool(overlapped),
+                           "decode": bool(decode_only), "sync": round(c.sync_cost(batch), 3),
+                           **self._host_ms()})
+
+    def take(self) -> list[dict]:
+        out, self.steps = self.steps, []
+        self._host.clear()
+        return out
