@@ -26,6 +26,9 @@ class EngineConfig:
     # "auto" on the GPU for models with KV rows >= 512 wide (kv heads x head dim; see
     # engine/model_runner.py), True always (also on the CPU: tests), False never.
     cascade_attention: bool | str = "auto"
+    # Move everything alive after start-up out of the garbage collector's reach (gc.freeze):
+    # "auto" on the GPU, where a full collection's stall shows in step times.
+    freeze_gc: bool | str = "auto"
     seed: int = 0
     load_format: str = "auto"  # "dummy": random weights in the checkpoint's shapes
     # speculative decoding

@@ -205,6 +205,11 @@ class SpecDecoder:
         # The controller assumed every planned request drafts. Ask the proposer which really
         # would and decide again over those alone (open chat: a few weak matches per step).
         planned = [i for i, k in enumerate(ks) if k > 0]
+        if will_wait and any(reqs[i].inflight_drafts for i in planned):
+            # A request verifying drafts right now is copying: it will match again, so the
+            # engine waits anyway. Asking the proposer here would only repeat, on a shorter
+            # history, the proposal made after the wait (the suffix proposer's costliest call).
+            return True
         found = self._lookahead([reqs[i] for i in planned], [ks[i] for i in planned])
         caps = [0] * len(reqs)
         for i, f in zip(planned, found):

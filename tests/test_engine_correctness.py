@@ -208,3 +208,17 @@ def test_smollm2_bf16_error_is_bf16_rounding():
     err_ours, err_hf = (ours - l32).abs().mean(), (hf16 - l32).abs().mean()
     assert err_ours <= 1.3 * err_hf, (float(err_ours), float(err_hf))
     assert (ours.argmax(-1) == l32.argmax(-1)).float().mean() >= 0.95
+
+
+def test_freeze_gc_moves_start_up_objects_out_of_the_collectors_reach():
+    """freeze_gc=True (the GPU's default): what exists after start-up is frozen, so a full
+    collection later scans only what the engine allocates; off on the CPU by default."""
+    import gc
+    before = gc.get_freeze_count()
+    tiny_engine("llama")
+    assert gc.get_freeze_count() == before  # "auto" freezes on the GPU only
+    try:
+        tiny_engine("llama", freeze_gc=True)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()

@@ -276,6 +276,25 @@ def test_drafts_continue_the_tokens_in_flight_as_expected():
     assert plain.spec_base == plain.num_tokens - 1  # the history they follow: all known tokens
 
 
+def test_waiting_decision_skips_the_proposer_for_a_request_verifying_drafts():
+    """Default drafting (wait for the step in flight): a request whose step in flight verifies
+    drafts is copying, so the engine waits without a proposal on the shorter known history
+    (the proposal after the wait is the one that counts). Without drafts in flight the
+    decision still asks the proposer, so a batch with nothing to copy keeps its overlap."""
+    eng = tiny_engine("llama", speculative_method="suffix", num_speculative_tokens=3, async_scheduling=True)
+    calls = []
+    real = eng.spec.proposer.propose
+    eng.spec.proposer.propose = lambda *a: calls.append(1) or real(*a)
+    seg = [7, 8, 9, 10, 11, 12]
+    copying = _in_flight("c", [3, 4] + seg * 3, [7])
+    copying.inflight_drafts = [8, 9]
+    copying.num_unverified = 2
+    assert eng.spec.draft_ahead([copying], will_wait=True) and calls == []
+    assert not copying.spec_token_ids  # deciding gives out no drafts
+    novel = _in_flight("n", list(range(1000, 1040)), [5])
+    assert not eng.spec.draft_ahead([novel], will_wait=True) and calls == [1]
+
+
 def test_large_batches_skip_planning_when_drafts_cannot_pay():
     """At batch 256 the cost model says verifying extra rows never pays, even with every draft
     accepted: no drafts, without asking the proposer (host time per step)."""
