@@ -259,7 +259,7 @@ def build_engine(args, path: str, num_blocks: int, max_model_len: int):
     from engine.llm_engine import LLMEngine
     kw = dict(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=max_model_len, num_gpu_blocks_override=num_blocks, enable_prefix_caching=True,
-              seed=args.seed)
+              seed=args.seed, num_scheduler_steps=args.num_scheduler_steps)
     if args.dummy_weights:
         kw["load_format"] = "dummy"
     if args.cascade == "on":
@@ -308,6 +308,8 @@ def main(argv=None) -> dict:
                     help="run every mode this many times (interleaved) and report the median run")
     ap.add_argument("--cascade", choices=["auto", "on"], default="auto",
                     help="shared-prefix decode attention: the engine's default, or on whatever the model's KV width")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1,
+                    help="decode steps per host step where a step only decodes (every mode alike)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="result file name (bench/results/<name>.json)")
     ap.add_argument("--out-dir", default=None)
@@ -419,7 +421,8 @@ def main(argv=None) -> dict:
                      "max_num_seqs": args.max_num_seqs,
                      "max_num_batched_tokens": args.max_num_batched_tokens, "max_inflight": max_inflight,
                      "feed": args.feed, "gate": args.gate, "modes": modes, "seed": args.seed,
-                     "cascade": args.cascade, "repeats": args.repeats},
+                     "cascade": args.cascade, "repeats": args.repeats,
+                     "num_scheduler_steps": args.num_scheduler_steps},
         "details": details})
     print(f"wrote {out}")
     print_table(f"{name} on {dev}: prefix caching and grouping (feed {args.feed}, "

@@ -22,6 +22,10 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     # Prepare step n+1 while step n runs: "auto" on the GPU; True also on the CPU (tests).
     async_scheduling: bool | str = "auto"
+    # Decode steps run back to back on the device per host step when every request of a
+    # step only decodes (vLLM's multi-step scheduling): the host's per-request work is paid
+    # once per burst. 1: off. See engine/decode_burst.py.
+    num_scheduler_steps: int = 1
     # Shared-prefix (cascade) decode attention when many running rows share prefix blocks:
     # "auto" on the GPU for models with KV rows >= 512 wide (kv heads x head dim; see
     # engine/model_runner.py), True always (also on the CPU: tests), False never.
@@ -46,6 +50,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

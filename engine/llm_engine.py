@@ -13,6 +13,7 @@ import time
 import torch
 
 from engine.block_manager import BlockManager
+from engine.decode_burst import advance_decode_inputs, burst_length
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.model_source import resolve_model
@@ -37,6 +38,7 @@ class _Inflight:
         self.batch, self.inp, self.sample_reqs = batch, inp, sample_reqs
         self.t0, self.t1, self.t2 = t0, t1, t2
         self.speculated = False  # verified drafts: `packed` holds tokens and accepted counts
+        self.burst = 1  # decode steps run back to back (`packed` holds every step's tokens)
         self.t_start = t0  # when the step() call that launched it began (before any drafting)
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
@@ -103,7 +105,7 @@ class LLMEngine:
         self._inflight: _Inflight | None = None  # launched, not yet finished on the host
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                          "spec_proposed": 0, "spec_accepted": 0, "spec_verifications": 0, "steps": 0,
-                         "spec_mode_steps": 0, "spec_wait_steps": 0,
+                         "spec_mode_steps": 0, "spec_wait_steps": 0, "burst_steps": 0,
                          "finished": 0}
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
@@ -207,7 +209,10 @@ class LLMEngine:
         for req in batch.errors:
             self._forget(req)
             outputs.append(self._output(req, "error"))
-        launched = self._launch(batch, t0) if batch.requests else None
+        burst = 1
+        if self.spec is None and batch.requests:
+            burst = burst_length(batch, self.config.num_scheduler_steps, self.max_model_len, self.block_manager)
+        launched = self._launch(batch, t0, burst) if batch.requests else None
         if launched is not None:
             launched.spec_mode = spec_mode
             launched.t_start = t_start
@@ -228,13 +233,16 @@ class LLMEngine:
         self.counters["spec_wait_steps"] += 1
         return self._finish(fl)
 
-    def _launch(self, batch, t0: float) -> "_Inflight":
+    def _launch(self, batch, t0: float, burst: int = 1) -> "_Inflight":
         t1 = time.perf_counter()
-        inp = self.runner.prepare(batch, self._inflight, self.block_manager.table)
+        # (a burst's later steps move the inputs on by one; a cascade plan would not follow)
+        inp = self.runner.prepare(batch, self._inflight, self.block_manager.table, cascade=burst == 1)
+        inp.meta.max_context_len += burst - 1
         t2 = time.perf_counter()
         logits = self.runner.forward(inp)
         sample_reqs = [batch.requests[i] for i in inp.sample_rows]
         fl = _Inflight(batch, inp, sample_reqs, t0, t1, t2)
+        fl.burst = burst
         want_lp = any(r.params.logprobs for r in sample_reqs)
         if inp.draft_ids is not None:
             fl.speculated = True
@@ -247,25 +255,48 @@ class LLMEngine:
                                                                  self.default_generator,
                                                                  offsets=inp.sample_offsets)
             fl.tokens, fl.logprobs = sample(logits, st, noise, want_lp)
+            if burst > 1:
+                fl.tokens, fl.packed = self._burst_rest(inp, st, sample_reqs, fl.tokens, burst)
         fl.copy_to_host()
         # The scheduled tokens' KV is written by this step. Drafts count as computed only once
         # the host knows how many were accepted (`_finish`); until then the next step's
         # positions are shifted on the device. Each sampling request gets one placeholder for
         # what this step emits (1 + accepted drafts tokens), filled in by `_finish`.
+        # A burst computes `burst` tokens per request and leaves as many placeholders.
         for req, n in zip(batch.requests, batch.num_tokens):
-            req.num_computed_tokens += n
+            req.num_computed_tokens += n + burst - 1
         for j, req in enumerate(sample_reqs):
             k = inp.rows_per_req[j] - 1
             req.num_computed_tokens -= k
             req.num_unverified += k
             req.inflight_drafts = fl.drafts[j][0] if k else []
-            req.output_token_ids.append(PENDING)
+            if burst == 1:
+                req.output_token_ids.append(PENDING)
+            else:
+                req.output_token_ids.extend([PENDING] * burst)
             req.pending_row = j
-            req.num_pending += 1
+            req.num_pending += burst
         for req in batch.requests:
             req.spec_token_ids = []
             self.block_manager.cache_full_blocks(req)
         return fl
+
+    def _burst_rest(self, inp, st: SamplingTensors, reqs: list, tokens: torch.Tensor, burst: int):
+        """A burst's steps after the first, each fed by the one before on the device. Returns
+        the last step's tokens (the next step's inputs) and every step's, [requests, burst]."""
+        steps = [tokens]
+        for j in range(1, burst):
+            advance_decode_inputs(inp, tokens, self.runner.block_size)
+            logits = self.runner.forward(inp)
+            noise = None
+            if not st.all_greedy:  # a seeded request's noise follows its output position
+                offsets = torch.full((len(reqs),), j, dtype=torch.int64, device=self.device)
+                noise = exponential_noise(reqs, logits.shape[1], self.device, self.default_generator,
+                                          offsets=offsets)
+            tokens, _ = sample(logits, st, noise)
+            steps.append(tokens)
+        self.counters["burst_steps"] += burst - 1
+        return tokens, torch.stack(steps, dim=1)
 
     def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
         host = fl.wait()
@@ -277,7 +308,7 @@ class LLMEngine:
             if req.is_finished:
                 continue
             idx = len(req.output_token_ids) - req.num_pending  # the oldest placeholder is this step's
-            req.num_pending -= 1
+            req.num_pending -= fl.burst
             lp = fl.logprobs_host[j] if fl.logprobs_host is not None else None
             if fl.speculated:
                 row = host[j]
@@ -292,10 +323,12 @@ class LLMEngine:
                     if req.inflight_drafts is fl.drafts[j][0]:  # (not a later step's, launched since)
                         req.inflight_drafts = []
                     self.spec.record(req, k, a, *fl.drafts[j][1:])
+            elif fl.burst > 1:
+                toks = host[j]
             else:
                 toks = [host[j]]
                 lp = [lp] if lp is not None else None
-            req.output_token_ids[idx:idx + 1] = toks
+            req.output_token_ids[idx:idx + fl.burst] = toks
             emitted += len(toks)
             if lp is not None:
                 req.output_logprobs.extend(lp)

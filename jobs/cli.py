@@ -85,7 +85,8 @@ def _engine_config(a) -> dict:
     """Engine knobs named as vLLM names them; only those given are passed on."""
     cfg = {k: getattr(a, k) for k in ("dtype", "max_num_batched_tokens", "gpu_memory_utilization",
                                        "max_model_len", "speculative_method", "num_speculative_tokens",
-                                       "prompt_lookup_min", "prompt_lookup_max", "speculative_model")
+                                       "prompt_lookup_min", "prompt_lookup_max", "speculative_model",
+                                       "num_scheduler_steps")
            if getattr(a, k, None) is not None}
     if getattr(a, "no_prefix_caching", False):
         cfg["enable_prefix_caching"] = False
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn automatic prefix caching off")
     p.add_argument("--cascade-attention", choices=["auto", "on", "off"], default=None,
                    help="shared-prefix decode attention (auto: on the GPU for KV rows >= 512 wide)")
+    p.add_argument("--num-scheduler-steps", type=int, default=None,
+                   help="decode steps per host step when a step only decodes (1: off, the default)")
     p.add_argument("--speculative-method", choices=["ngram", "suffix"], default=None)
     p.add_argument("--num-speculative-tokens", type=int, default=None, help="k, the most drafts per step")
     p.add_argument("--prompt-lookup-min", type=int, default=None, help="n-gram: shortest match (2)")

@@ -192,3 +192,32 @@ def test_cascade_attention_graphs_keep_greedy_output():
     assert results["cascade"][1] > 0 and results["cascade"][2] > 0
     assert results["cascade"][0] == results["plain"][0]
     assert results["cascade_spec"][0] == results["plain"][0]
+
+
+def test_decode_bursts_on_graphs_keep_greedy_and_seeded_output():
+    """num_scheduler_steps=4 on the GPU: a burst's later steps replay the decode graphs with
+    inputs moved on by the device; fp32 greedy and seeded sampling give the same tokens as one
+    step at a time, with overlapped steps, prefix hits and requests stopping mid-burst."""
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    g = torch.Generator().manual_seed(4)
+    system = torch.randint(10, 32000, (100,), generator=g).tolist()
+    prompts = [system + torch.randint(10, 32000, (int(5 + i % 60),), generator=g).tolist() for i in range(80)]
+    params = [SamplingParams(max_tokens=30 + i % 7, temperature=0, ignore_eos=True, detokenize=False)
+              if i % 3 else SamplingParams(max_tokens=33, temperature=0.8, seed=i, ignore_eos=True, detokenize=False)
+              for i in range(80)]
+    model = random_llama_dir()
+    results = {}
+    for steps in (1, 4):
+        eng = LLMEngine(model, tokenizer=None, device="cuda", dtype="float32", gpu_memory_utilization=0.4,
+                        max_model_len=1024, num_scheduler_steps=steps)
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            eng.add_request(str(i), p, sp)
+        outs = {}
+        while eng.has_unfinished():
+            outs.update({o.request_id: o.token_ids for o in eng.step()})
+        results[steps] = ([outs[str(i)] for i in range(len(prompts))], eng.counters["burst_steps"])
+        del eng
+        torch.cuda.empty_cache()
+    assert results[1][1] == 0 and results[4][1] > 0
+    assert results[4][0] == results[1][0]

@@ -24,3 +24,10 @@ def test_worker_cli_drafting_ahead_is_opt_in():
     cfg = _engine_config(parse(["worker", "--speculative-method", "suffix", "--speculative-draft-ahead"]))
     assert cfg["speculative_draft_ahead"] is True
     assert EngineConfig(model="m", speculative_method="ngram").speculative_draft_ahead is False
+
+
+def test_worker_num_scheduler_steps_flag():
+    from jobs.cli import _engine_config, build_parser
+    parse = build_parser().parse_args
+    assert "num_scheduler_steps" not in _engine_config(parse(["worker"]))
+    assert _engine_config(parse(["worker", "--num-scheduler-steps", "4"]))["num_scheduler_steps"] == 4

@@ -14,6 +14,7 @@ when the estimated probability that the whole draft is right falls below `min_pr
 """
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -148,14 +149,21 @@ class SuffixIndex:
     ) -> Draft:
         if k <= 0:
             return Draft()
+        # The longest matched length, by binary search over the ladder: a context suffix found
+        # at length n is found at every shorter length too (the same end position indexes all
+        # of them, and keys are never removed), so matches are monotone in n.
         occ: int | list[int] | None = None
         n_match = 0
-        for n in reversed(self.lengths):
-            if n <= len(context):
-                occ = self.tables[n].get(tuple(context[len(context) - n:]))
-                if occ is not None:
-                    n_match = n
-                    break
+        lengths, tables, C = self.lengths, self.tables, len(context)
+        lo, hi = 0, bisect.bisect_right(lengths, C)  # candidates lengths[lo:hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            n = lengths[mid]
+            found = tables[n].get(tuple(context[C - n:]))
+            if found is None:
+                hi = mid
+            else:
+                occ, n_match, lo = found, n, mid + 1
         if occ is None:
             return Draft()
         if type(occ) is int:
@@ -296,7 +304,10 @@ class SuffixProposer:
             best = idx.match(ctx, ki, self.min_prob, self.spec_factor, self_overlap=True)
             jid = job_ids[i] if job_ids else None
             job = self._jobs.get(jid) if jid is not None else None
-            if job is not None:
+            # A full draft every occurrence agrees on cannot be beaten on score: skip the job's
+            # index (half the proposer's time when copying from the prompt).
+            certain = len(best.tokens) == ki and best.score >= ki
+            if job is not None and not certain:
                 self._jobs.move_to_end(jid)
                 d = job.index.match(ctx, ki, self.min_prob, self.spec_factor)
                 if (d.score, d.match_len) > (best.score, best.match_len):
