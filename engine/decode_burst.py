@@ -51,3 +51,7 @@ def advance_decode_inputs(inp, tokens: torch.Tensor, block_size: int) -> None:
     pos = inp.positions
     block = m.block_tables.gather(1, torch.div(pos, block_size, rounding_mode="floor").unsqueeze(1)).squeeze(1)
     m.slot_mapping.copy_(block.to(torch.int64) * block_size + pos % block_size)
+    if m.cascade is not None:
+        # Shared prefixes stay as planned; the new token lands in each row's own suffix (whose
+        # table already holds the blocks the burst reserved).
+        m.cascade.suffix_lens.add_(1)

@@ -15,7 +15,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.decode_burst import advance_decode_inputs, burst_length
 from engine.config import EngineConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, pick_device
 from engine.model_source import resolve_model
 from engine.models.loader import arch_from_config, read_config
 from engine.outputs import RequestOutput
@@ -78,6 +78,18 @@ class _Inflight:
 
 
 class LLMEngine:
+    def __new__(cls, *args, **kwargs):
+        fg = kwargs.get("freeze_gc", "auto")
+        if fg is True or (fg == "auto" and pick_device(kwargs.get("device", "auto")).type == "cuda"):
+            # What the process has loaded so far (torch, transformers: some 300k objects) lives
+            # as long as it does. Out of the collector's reach, a full collection scans only
+            # what came later: it stalled 130-340 ms otherwise (measured inside suffix
+            # proposals on the H100's host). Frozen before the engine exists, so none of the
+            # engine's objects are: a deleted engine's cycles are still collected.
+            gc.collect()
+            gc.freeze()
+        return super().__new__(cls)
+
     def __init__(self, model: str, tokenizer=None, **kwargs) -> None:
         path = resolve_model(model)
         self.config = EngineConfig(model=path, **kwargs)
@@ -118,14 +130,6 @@ class LLMEngine:
         if self.config.speculative_method:
             from engine.spec_decode import SpecDecoder
             self.spec = SpecDecoder(self)
-        fg = self.config.freeze_gc
-        if fg is True or (fg == "auto" and self.device.type == "cuda"):
-            # Everything built so far (torch, transformers, the model) lives as long as the
-            # process. Out of the collector's reach, a full collection scans only what the
-            # engine allocates from here on: it cost 100-300 ms per stall otherwise (measured
-            # inside suffix proposals on the H100's host), and the proposers' indexes trigger them.
-            gc.collect()
-            gc.freeze()
 
     # ---- requests ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -235,8 +239,7 @@ class LLMEngine:
 
     def _launch(self, batch, t0: float, burst: int = 1) -> "_Inflight":
         t1 = time.perf_counter()
-        # (a burst's later steps move the inputs on by one; a cascade plan would not follow)
-        inp = self.runner.prepare(batch, self._inflight, self.block_manager.table, cascade=burst == 1)
+        inp = self.runner.prepare(batch, self._inflight, self.block_manager.table)
         inp.meta.max_context_len += burst - 1
         t2 = time.perf_counter()
         logits = self.runner.forward(inp)

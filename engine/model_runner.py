@@ -155,13 +155,12 @@ class ModelRunner:
         del kc, h
 
     # ---- inputs ------------------------------------------------------------
-    def prepare(self, batch: ScheduledBatch, prev, block_table: BlockTable, cascade: bool = True) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch, prev, block_table: BlockTable) -> StepInputs:
         """Flat inputs for the batch. `prev` is the step still in flight (or None): a token it
         is still sampling (a placeholder on the host) is gathered from its `tokens` on the
         device, and where it verified drafts, the number it accepted (its `offsets`, known only
         on the device) shifts the request's positions, slots and context here, on the device.
-        `block_table`: the block manager's, holding every request's block ids. `cascade=False`
-        never plans shared-prefix attention (a decode burst moves the inputs on by itself)."""
+        `block_table`: the block manager's, holding every request's block ids."""
         reqs, counts = batch.requests, batch.num_tokens
         B = len(reqs)
         starts = np.fromiter((r.num_computed_tokens for r in reqs), dtype=np.int64, count=B)
@@ -241,8 +240,7 @@ class ModelRunner:
         # Verification rows (q_max > 1) already read their sequence's blocks k+1 times from
         # the L2 cache; cascade there is unmeasured, so it stays on plain decode steps. Its plan
         # is made from host-side context lengths, so not where the device shifts them.
-        if cascade and q_max == 1 and not shifted and self.cascade_min_rows is not None \
-                and B_rows >= self.cascade_min_rows:
+        if q_max == 1 and not shifted and self.cascade_min_rows is not None and B_rows >= self.cascade_min_rows:
             plan = self.cascade_planner.plan(reqs, table, ctx)
         # What the step in flight patches in (one kernel, `ops.patch_step_inputs`): per flat
         # token, the row to take its input id from and the row whose accepted drafts shift it

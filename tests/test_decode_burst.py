@@ -89,3 +89,14 @@ def test_logprobs_requests_and_speculation_run_one_step_at_a_time():
 def test_num_scheduler_steps_is_validated():
     with pytest.raises(ValueError, match="num_scheduler_steps"):
         tiny_engine("llama", num_scheduler_steps=0)
+
+
+def test_bursts_with_shared_prefix_attention():
+    """Cascade attention in a burst: the plan's shared prefixes hold, each row's suffix grows
+    by one per step on the device."""
+    shared = mixed_prompts(1, 256, 48, 48, seed=31)[0]
+    prompts = [shared + p for p in mixed_prompts(10, 256, 2, 40, seed=32)]
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    plain, burst, eng = _both(prompts, sp, cascade_attention=True, async_scheduling=True)
+    assert eng.counters["burst_steps"] > 0 and eng.runner.cascade_steps > 0
+    assert [o.token_ids for o in burst] == [o.token_ids for o in plain]

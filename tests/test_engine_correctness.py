@@ -218,7 +218,12 @@ def test_freeze_gc_moves_start_up_objects_out_of_the_collectors_reach():
     tiny_engine("llama")
     assert gc.get_freeze_count() == before  # "auto" freezes on the GPU only
     try:
-        tiny_engine("llama", freeze_gc=True)
+        eng = tiny_engine("llama", freeze_gc=True, speculative_method="ngram")  # (engine <-> spec: a cycle)
         assert gc.get_freeze_count() > before
+        import weakref
+        runner = weakref.ref(eng.runner)
+        del eng
+        gc.collect()
+        assert runner() is None  # the engine itself was not frozen: its cycles are collected
     finally:
         gc.unfreeze()
