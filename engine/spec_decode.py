@@ -127,7 +127,8 @@ class SpecDecoder:
             self.controller.sync_factor = 0.3
         # request id -> (position, token) the proposer guessed from the history before it
         self._guesses: dict[str, tuple[int, int]] = {}
-        self.probe_every, self.probe_max, self._probe_tick = 4, 64, 0
+        # Every `probe_every` steps without drafts, about probe_budget / batch requests guess.
+        self.probe_every, self.probe_max, self.probe_budget, self._probe_tick = 4, 64, 512, 0
         self._drafted: list[Request] = []  # requests given drafts this step
         if self.drafts_ahead:
             # Scored guesses keep every request's estimate current, so an estimate need not
@@ -189,18 +190,16 @@ class SpecDecoder:
             return False  # too large a batch for drafts to pay: spend no host time on them
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
-        # Drafts that continue tokens in flight hold only if those come out as expected.
-        disc = [1.0 if will_wait else self.controller.acceptance(r.request_id) ** self._assumed_len(r)
-                for r in reqs]
-        ks = self.controller.choose_k(ids, caps, discount=disc)
-        if not any(ks):
-            # Nobody is worth drafting for on current evidence. Every few steps, guess anyway
-            # (no drafts): scored guesses are how a request that turned copyable earns its
-            # drafts back, and the only evidence a new request gets.
-            self._probe_tick += 1
-            if self._probe_tick % self.probe_every == 0:
-                probe = reqs[:self.probe_max]
-                self._lookahead(probe, [0] * len(probe))
+        acc = [self.controller.acceptance(i) for i in ids]
+        # Could drafting pay even if every request accepted as well as the best one does? If
+        # not, skip the per-request choice (at batch 200 it cost 1-2 ms of host time a step).
+        ks = None
+        if self.controller.can_pay(len(reqs), max(acc)):
+            # Drafts that continue tokens in flight hold only if those come out as expected.
+            disc = [1.0 if will_wait else a ** self._assumed_len(r) for a, r in zip(acc, reqs)]
+            ks = self.controller.choose_k(ids, caps, discount=disc)
+        if ks is None or not any(ks):
+            self._probe(reqs)
             return False
         # The controller assumed every planned request drafts. Ask the proposer which really
         # would and decide again over those alone (open chat: a few weak matches per step).
@@ -224,6 +223,19 @@ class SpecDecoder:
         if will_wait:
             return any(ks)
         return self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
+
+    def _probe(self, reqs: list[Request]) -> None:
+        """Nobody is worth drafting for on current evidence. Every few steps, guess anyway (no
+        drafts): scored guesses are how a request that turned copyable earns its drafts back,
+        and the only evidence a new request gets. A large batch probes fewer requests per
+        step (the proposer's first look at a request builds its index), taking turns."""
+        self._probe_tick += 1
+        if self._probe_tick % self.probe_every:
+            return
+        n = min(len(reqs), max(4, min(self.probe_max, self.probe_budget // len(reqs))))
+        start = (self._probe_tick // self.probe_every * n) % len(reqs)
+        probe = (reqs + reqs)[start:start + n] if start + n > len(reqs) else reqs[start:start + n]
+        self._lookahead(probe, [0] * len(probe))
 
     @staticmethod
     def _assumed_len(r: Request) -> int:

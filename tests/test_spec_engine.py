@@ -311,6 +311,31 @@ def test_large_batches_skip_planning_when_drafts_cannot_pay():
     assert big[0].spec_token_ids and calls
 
 
+def test_a_large_batch_of_poor_acceptance_skips_the_choice_and_probes_a_few_in_turn():
+    """Batch 200 could pay only with near-perfect acceptance: with every estimate low (open
+    chat), the per-request choice is skipped, and probes take a few requests per turn,
+    covering the batch over time instead of the same first ones."""
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
+    ctl, spec = eng.spec.controller, eng.spec
+    assert ctl.can_pay(200) and not ctl.can_pay(200, 0.3) and ctl.can_pay(4, 0.7)
+    chat = [_decoding(f"c{i}", [1000 + i, 2000 + i, 3000 + i], [5]) for i in range(200)]
+    for r in chat:
+        for _ in range(6):
+            ctl.record_guess(r.request_id, False)
+    chosen = []
+    real_choose = ctl.choose_k
+    ctl.choose_k = lambda *a, **kw: chosen.append(1) or real_choose(*a, **kw)
+    probed = []
+    real_look = spec._lookahead
+    spec._lookahead = lambda reqs, ks: probed.append([r.request_id for r in reqs]) or real_look(reqs, ks)
+    for _ in range(8 * spec.probe_every):
+        assert not spec.draft_ahead(chat)
+    assert chosen == []
+    n = max(4, spec.probe_budget // 200)
+    assert len(probed) == 8 and all(len(p) == n for p in probed)
+    assert len({rid for p in probed for rid in p}) == 8 * n  # in turn, not the same ones
+
+
 def test_lookahead_guesses_are_scored_once_their_token_is_known():
     """The lookahead's first token is a guess at the token in flight; when that token arrives,
     the guess counts as one acceptance trial for free (no verification). A request whose

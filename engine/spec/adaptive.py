@@ -134,14 +134,18 @@ class SpecController:
         """Extra cost of a drafting step beyond its forward, in plain steps of this batch."""
         return self._sync.get(self.bucket(batch), self.sync_factor)
 
-    def can_pay(self, batch: int) -> bool:
-        """Could drafting pay at this batch size even if every draft were accepted? When it
-        cannot (large batches, where verifying extra rows makes the step compute-bound),
-        the per-request choice is skipped: it would cost host time every step for nothing."""
-        key = (batch, round(self.sync_cost(batch), 1))
+    def can_pay(self, batch: int, acceptance: float = 0.99) -> bool:
+        """Could drafting pay at this batch size if every request accepted drafts this well
+        (by default: nearly always)? When it cannot (large batches, where verifying extra rows
+        makes the step compute-bound), the per-request choice is skipped: it would cost host
+        time every step for nothing."""
+        a = min(0.99, round(acceptance + 0.005, 2))  # (rounded up: never rejects what could pay)
+        key = (batch, round(self.sync_cost(batch), 1), a)
         ok = self._can_pay.get(key)
         if ok is None:
-            ok = self._can_pay[key] = any(self._allocate([0.99] * batch, [self.max_k] * batch))
+            if len(self._can_pay) > 4096:  # (the learned overhead drifts: old keys go stale)
+                self._can_pay.clear()
+            ok = self._can_pay[key] = any(self._allocate([a] * batch, [self.max_k] * batch))
         return ok
 
     def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float,
