@@ -24,7 +24,7 @@ class EngineConfig:
     async_scheduling: bool | str = "auto"
     # Decode steps run back to back on the device per host step when every request of a
     # step only decodes (vLLM's multi-step scheduling): the host's per-request work is paid
-    # once per burst. 1: off. See engine/decode_burst.py.
+    # once per burst. 1: off. Not with speculation (its steps draft). See engine/decode_burst.py.
     num_scheduler_steps: int = 1
     # Shared-prefix (cascade) decode attention when many running rows share prefix blocks:
     # "auto" on the GPU for models with KV rows >= 512 wide (kv heads x head dim; see

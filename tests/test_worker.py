@@ -165,11 +165,13 @@ def test_metrics_scrape(redis_url):
     port = free_port()
     m.serve(port, addr="127.0.0.1")
     m.model_load_seconds.set(1.5)
-    m.observe_engine({"spec_proposed": 40, "spec_accepted": 30, "spec_verifications": 12, "cascade_steps": 7},
+    m.observe_engine({"spec_proposed": 40, "spec_accepted": 30, "spec_verifications": 12, "cascade_steps": 7,
+                      "burst_steps": 5},
                      {"spec_accepted": 6, "spec_verifications": 4})
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert "prefixq_spec_mean_accepted_length 3.0" in body  # (30 - 6) / (12 - 4): this job's share
     assert "prefixq_cascade_decode_steps 7.0" in body
+    assert "prefixq_burst_decode_steps 5.0" in body
     for name in ("prefixq_queue_depth 1.0", 'prefixq_jobs{state="queued"} 1.0', "prefixq_rows_completed_total",
                  "prefixq_rows_failed_total", "prefixq_prompt_tokens_total", "prefixq_cached_prompt_tokens_total",
                  "prefixq_output_tokens_total", "prefixq_ttft_seconds_bucket",

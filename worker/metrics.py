@@ -59,6 +59,9 @@ class Metrics:
         self.cascade_steps = Gauge("prefixq_cascade_decode_steps",
                                    "Decode steps that read shared prefixes once per group (cascade attention), "
                                    "since the engine started", registry=R)
+        self.burst_steps = Gauge("prefixq_burst_decode_steps",
+                                 "Decode steps run inside bursts after a burst's first (num_scheduler_steps), "
+                                 "since the engine started", registry=R)
         self.model_load_seconds = Gauge("prefixq_model_load_seconds", "Seconds the model took to load", registry=R)
         self.gpu_memory = Gauge("prefixq_gpu_memory_bytes", "GPU memory allocated by this worker", registry=R)
         self.gpu_memory.set_function(_gpu_memory)
@@ -96,6 +99,8 @@ class Metrics:
             self.spec_accepted_length.set(accepted / verifications)
         if "cascade_steps" in stats:
             self.cascade_steps.set(float(stats["cascade_steps"]))
+        if "burst_steps" in stats:
+            self.burst_steps.set(float(stats["burst_steps"]))
 
     def serve(self, port: int, addr: str = "0.0.0.0"):
         if not port:
