@@ -176,37 +176,38 @@ class SuffixIndex:
         probs: list[float] = []
         cum = 1.0
         for i in range(k):
-            # Each live occurrence's next token, read inline (this loop is the proposer's
-            # per-step cost): from the store, or from the draft itself when a match overlaps
-            # the end (periodic text); SEP and running out end an occurrence.
-            nxt: list[tuple[int, int]] = []
-            for e in alive:
-                j = e + 1 + i - base
-                if j < L:
-                    tok = t[j]
-                    if tok == SEP:
-                        continue
-                elif self_overlap and j - L < len(draft):
-                    tok = draft[j - L]
-                else:
-                    continue
-                nxt.append((e, tok))
-            if not nxt:
+            # Each live occurrence's next token (this loop is the proposer's per-step cost):
+            # from the store, or from the draft itself when a match overlaps the end (periodic
+            # text); SEP and running out end an occurrence. Occurrences are in ascending order,
+            # so those whose next token is in the store come first: one comprehension for them.
+            off = 1 + i - base
+            cut = len(alive) if alive[-1] + off < L else bisect.bisect_left(alive, L - off)
+            ends = alive[:cut]
+            toks = [t[e + off] for e in ends]
+            if self.has_sep and SEP in toks:
+                ends = [e for e, x in zip(ends, toks) if x != SEP]
+                toks = [x for x in toks if x != SEP]
+            if self_overlap:
+                for e in alive[cut:]:
+                    j = e + off - L
+                    if j < len(draft):
+                        ends.append(e)
+                        toks.append(draft[j])
+            if not toks:
                 break
-            if len(nxt) == 1:
-                tok, c = nxt[0][1], 1
+            if len(toks) == 1:
+                tok, c = toks[0], 1
             else:
-                counts: dict[int, int] = {}
-                for _, x in nxt:
-                    counts[x] = counts.get(x, 0) + 1
-                tok, c = max(counts.items(), key=lambda kv: kv[1])
+                # The most frequent next token; ties go to the one seen first.
+                tok = max(dict.fromkeys(toks), key=toks.count)
+                c = toks.count(tok)
             p = c / len(alive)  # occurrences that ended count as "stop" mass
             cum *= p
             if cum < min_prob:
                 break
             draft.append(tok)
             probs.append(p)
-            alive = [e for e, x in nxt if x == tok]
+            alive = ends if c == len(ends) else [e for e, x in zip(ends, toks) if x == tok]
         return Draft(draft, probs, n_match)
 
 
