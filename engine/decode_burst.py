@@ -4,11 +4,13 @@ one host step. Each step after the first takes its input tokens from the step be
 moves positions, contexts and KV slots on by one, on the device; the host sees the tokens
 once, after the burst.
 
-Why: on a small model at batch 256 the host's per-request work (scheduling, building the
-inputs, reading back tokens, stop checks) takes longer than the GPU's forward, so the GPU
-waits. A burst of N pays for that work once per N tokens. The price: a request that stops
-mid-burst computes up to N - 1 tokens that are thrown away, and requests waiting for a slot
-are admitted only between bursts.
+Why: where the GPU's step is short (a small model, and cascade attention reading shared
+prefixes once), the host's per-request work at batch 256 (scheduling, building the inputs,
+reading back tokens, stop checks) takes longer than the forward, so the GPU waits. A burst of
+N pays for that work once per N tokens: on the SmolLM2 shape with cascade, workload (a) of the
+prefix bench went from 1.34 s to 1.14 s with N = 4 (docs/benchmarks.md). The price: a request
+that stops mid-burst computes up to N - 1 tokens that are thrown away, and requests waiting
+for a slot are admitted only between bursts.
 """
 from __future__ import annotations
 
