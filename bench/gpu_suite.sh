@@ -14,6 +14,7 @@
 #   e: engine GPU checks, SmolLM2-shape decode profile and prefix bench with cascade on
 #   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
 #   ab: the spec bench on several source trees in one call (SPEC_TREES)
+#   m: decode bursts (BURST_STEPS): SmolLM2-shape prefix b, c with cascade on, Qwen3-shape throughput
 # Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -178,6 +179,19 @@ ab)  # SmolLM2: the spec bench on several source trees in one call, on one card 
       --workloads ${SPEC_WORKLOADS:-extract,rewrite,chat} --batch-sizes ${SPEC_BATCHES:-1,32,256} \
       --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-h100-ab-$tag ${SPEC_ARGS:-}) > "$OUT/spec-$tag.log" 2>&1
     grep -v "Warning\|warn" "$OUT/spec-$tag.log" | tail -${SPEC_LINES:-24}
+  done
+  ;;
+m)  # decode bursts: SmolLM2-shape prefix (b, c) and throughput with and without them (parks the GGUF half)
+  [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
+  for n in ${BURST_STEPS:-1 4}; do
+    log "prefix smollm2-135m b,c, cascade on, $n steps"
+    timeout ${PREFIX_TIMEOUT:-200} python -m bench.prefix --dummy-weights smollm2-135m --workloads ${PREFIX_WORKLOADS:-b,c} \
+      --cascade on --num-scheduler-steps $n --name prefix-smollm2-135m-bc-cascade-steps$n-h100 > "$OUT/prefix-$n.log" 2>&1
+    grep "prefill computed" "$OUT/prefix-$n.log"
+    log "throughput qwen3-0.6b shape, $n steps"
+    timeout 200 python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
+      --num-prompts 256 --seed 0 --baselines none --num-scheduler-steps $n --name throughput-qwen3-0.6b-steps$n-h100 \
+      2>&1 | tail -3
   done
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call

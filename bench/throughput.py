@@ -31,7 +31,8 @@ def run_ours(args, path, prompts, out_lens) -> tuple[dict, object]:
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
     kw = dict(device=args.device, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              max_model_len=max(map(len, prompts)) + max(out_lens) + 16, enable_prefix_caching=not args.no_prefix_caching)
+              max_model_len=max(map(len, prompts)) + max(out_lens) + 16, enable_prefix_caching=not args.no_prefix_caching,
+              num_scheduler_steps=args.num_scheduler_steps)
     if args.dummy_weights:
         kw["load_format"] = "dummy"
     if args.device == "cpu":
@@ -188,6 +189,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20)
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--num-scheduler-steps", type=int, default=1, help="decode steps per host step (decode bursts)")
     ap.add_argument("--caching-overhead", type=int, default=0, metavar="REPS",
                     help="also time caching off and on alternately REPS times each (nothing is shared)")
     ap.add_argument("--baselines", default="generate,generate_batch", help="comma list, or 'none'")
@@ -243,7 +245,7 @@ def main(argv=None) -> dict:
     path_out = write_result(name, figures, baseline, dev, extra={"workload": {
         "model": args.dummy_weights or args.model, "dummy_weights": bool(args.dummy_weights),
         "input_len": args.input_len, "output_len": args.output_len, "num_prompts": args.num_prompts,
-        "baseline_num_prompts": n_hf, "seed": args.seed}})
+        "baseline_num_prompts": n_hf, "seed": args.seed, "num_scheduler_steps": args.num_scheduler_steps}})
     print_table(f"{name} on {dev} ({args.num_prompts} prompts, in {args.input_len}, out {args.output_len})",
                 rows, ["output_tok_s", "total_tok_s", "elapsed_s"])
     print(f"ours: TTFT p50 {figures['ttft_p50_s']:.3f}s p99 {figures['ttft_p99_s']:.3f}s, "

@@ -354,7 +354,7 @@ class LLMEngine:
                 outputs.append(self._output(req, reason))
             else:
                 self.block_manager.cache_full_blocks(req)
-        period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter())
+        period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter(), fl.burst)
         if self.spec is not None:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
             # a speculating-mode step whose proposer found nothing still paid for its planning,
@@ -364,7 +364,7 @@ class LLMEngine:
                               decode_only=fl.inp.meta.is_decode)
         return outputs
 
-    def _record_step(self, inp, t_start, t0, t1, t2, t3, t4) -> None:
+    def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:
         tm = self.timings
         tm["steps"] += 1
         self.counters["steps"] += 1
@@ -378,7 +378,9 @@ class LLMEngine:
         period = t4 - max(t_start, self._last_finish)
         if self.step_log is not None:
             m = inp.meta
-            self.step_log.append((period, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens))
+            # (a burst logs each of its forwards, with an equal share of its period)
+            entry = (period / burst, m.is_decode, int(m.block_tables.shape[0]), inp.context_tokens)
+            self.step_log.extend([entry] * burst)
         self._last_finish = t4
         return period
 

@@ -100,3 +100,13 @@ def test_bursts_with_shared_prefix_attention():
     plain, burst, eng = _both(prompts, sp, cascade_attention=True, async_scheduling=True)
     assert eng.counters["burst_steps"] > 0 and eng.runner.cascade_steps > 0
     assert [o.token_ids for o in burst] == [o.token_ids for o in plain]
+
+
+def test_step_log_has_one_entry_per_forward():
+    """Benchmarks read per-step times from the step log: a burst logs each of its forwards."""
+    prompts = mixed_prompts(4, 256, 5, 20, seed=2)
+    eng = tiny_engine("llama", num_scheduler_steps=4)
+    eng.step_log = []
+    run_engine(eng, prompts, SamplingParams(max_tokens=13, temperature=0, ignore_eos=True))
+    assert eng.counters["burst_steps"] > 0
+    assert len(eng.step_log) == eng.counters["steps"] + eng.counters["burst_steps"]
