@@ -289,12 +289,13 @@ class ModelRunner:
         padded = [n + (n & 1) for n in sizes]
         total = sum(padded)
         buf = self.upload.stage(total)
-        at = 0
+        at, starts_at = 0, []
         for p_, n, m in zip(parts, sizes, padded):
             buf[at:at + n] = p_
+            starts_at.append(at)
             at += m
         flat = self.upload.send(total)
-        pieces = [x[:n] for x, n in zip(torch.split(flat, padded), sizes)]
+        pieces = [flat[a:a + n] for a, n in zip(starts_at, sizes)]  # (slicing beats torch.split here)
         input_ids, pos_t, slots_t, ctx_t, cu_t, logit_t, table_t = pieces[:7]
         pieces = pieces[7:]
         sample_offsets = None
