@@ -110,3 +110,24 @@ def test_step_log_has_one_entry_per_forward():
     run_engine(eng, prompts, SamplingParams(max_tokens=13, temperature=0, ignore_eos=True))
     assert eng.counters["burst_steps"] > 0
     assert len(eng.step_log) == eng.counters["steps"] + eng.counters["burst_steps"]
+
+
+def test_aborting_a_request_while_its_burst_is_in_flight():
+    """A cancelled job aborts its rows at any time, also while their burst runs on the device:
+    the others' output is unchanged and every block comes back."""
+    prompts = mixed_prompts(6, 256, 10, 40, seed=17)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    ref = run_engine(tiny_engine("llama"), prompts, sp)
+    eng = tiny_engine("llama", num_scheduler_steps=4, async_scheduling=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, sp)
+    done = {}
+    while eng.counters["burst_steps"] == 0:
+        done.update({o.request_id: o for o in eng.step()})
+    assert eng._inflight is not None and eng._inflight.burst > 1
+    eng.abort("r2")
+    while eng.has_unfinished():
+        done.update({o.request_id: o for o in eng.step()})
+    assert "r2" not in done or done["r2"].finish_reason == "abort"
+    assert [done[f"r{i}"].token_ids for i in range(6) if i != 2] == [ref[i].token_ids for i in range(6) if i != 2]
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
