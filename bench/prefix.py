@@ -393,7 +393,8 @@ def main(argv=None) -> dict:
         for k, v in info.items():
             figures[f"{w}_{k}"] = v
         for m, r in res.items():
-            dst = baseline if m == "off" else figures
+            # The comparison run is caching off, or arrival order where off was not run.
+            dst = baseline if m == ("off" if "off" in res else "arrival") else figures
             for k in ("prefill_tokens_computed", "hit_rate", "hit_rate_of_best", "output_tok_s", "elapsed_s",
                       "preemptions", "recomputed_tokens", "decode_step_s", "prefill_step_s", "cascade_steps"):
                 dst[f"{w}_{m}_{k}"] = r[k]
