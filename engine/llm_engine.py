@@ -254,10 +254,7 @@ class LLMEngine:
                          for r, n in zip(sample_reqs, inp.rows_per_req)]
         else:
             st = SamplingTensors.from_requests(sample_reqs, self.vocab_size, self.device)
-            noise = None if st.all_greedy else exponential_noise(sample_reqs, logits.shape[1], self.device,
-                                                                 self.default_generator,
-                                                                 offsets=inp.sample_offsets)
-            fl.tokens, fl.logprobs = sample(logits, st, noise, want_lp)
+            fl.tokens, fl.logprobs = self._sample(logits, st, sample_reqs, inp.sample_offsets, want_lp)
             if burst > 1:
                 fl.tokens, fl.packed = self._burst_rest(inp, st, sample_reqs, fl.tokens, burst)
         fl.copy_to_host()
@@ -291,15 +288,20 @@ class LLMEngine:
         for j in range(1, burst):
             advance_decode_inputs(inp, tokens, self.runner.block_size)
             logits = self.runner.forward(inp)
-            noise = None
-            if not st.all_greedy:  # a seeded request's noise follows its output position
-                offsets = torch.full((len(reqs),), j, dtype=torch.int64, device=self.device)
-                noise = exponential_noise(reqs, logits.shape[1], self.device, self.default_generator,
-                                          offsets=offsets)
-            tokens, _ = sample(logits, st, noise)
+            # (a seeded request's noise follows its output position: j past the host's count)
+            offsets = None if st.all_greedy else torch.full((len(reqs),), j, dtype=torch.int64, device=self.device)
+            tokens, _ = self._sample(logits, st, reqs, offsets)
             steps.append(tokens)
         self.counters["burst_steps"] += burst - 1
         return tokens, torch.stack(steps, dim=1)
+
+    def _sample(self, logits: torch.Tensor, st: SamplingTensors, reqs: list, offsets: torch.Tensor | None,
+                want_lp: bool = False):
+        """Tokens (and logprobs when asked) for one scored row per request; `offsets`: output
+        positions beyond the host's count, which seeded noise is keyed by."""
+        noise = None if st.all_greedy else exponential_noise(reqs, logits.shape[1], self.device,
+                                                             self.default_generator, offsets=offsets)
+        return sample(logits, st, noise, want_lp)
 
     def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
         host = fl.wait()

@@ -313,8 +313,9 @@ class ModelRunner:
         cascade = None
         if plan is not None:
             # The plan's pieces sit at the end of the copy: one int32 conversion for all six.
-            tail = flat[sum(padded[:n_fixed]):].to(torch.int32)
-            pt, pl, gcu, order, st, sl = (x[:n] for x, n in zip(torch.split(tail, padded[n_fixed:]), sizes[n_fixed:]))
+            base = starts_at[n_fixed]
+            tail = flat[base:].to(torch.int32)
+            pt, pl, gcu, order, st, sl = (tail[a - base:a - base + n] for a, n in zip(starts_at[n_fixed:], sizes[n_fixed:]))
             cascade = CascadeMetadata(pt.view(plan.prefix_tables.shape), pl, gcu, order,
                                       st.view(plan.suffix_tables.shape), sl)
             self.cascade_steps += 1

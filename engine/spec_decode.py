@@ -197,7 +197,7 @@ class SpecDecoder:
         if self.controller.can_pay(len(reqs), max(acc)):
             # Drafts that continue tokens in flight hold only if those come out as expected.
             disc = [1.0 if will_wait else a ** self._assumed_len(r) for a, r in zip(acc, reqs)]
-            ks = self.controller.choose_k(ids, caps, discount=disc)
+            ks = self.controller.choose_k(ids, caps, discount=disc, acceptance=acc)
         if ks is None or not any(ks):
             self._probe(reqs)
             return False

@@ -195,17 +195,21 @@ class SpecController:
         return min(a, 0.99)
 
     def choose_k(self, request_ids: list[str], max_k: list[int] | None = None,
-                 forget_idle: bool = True, discount: list[float] | None = None) -> list[int]:
+                 forget_idle: bool = True, discount: list[float] | None = None,
+                 acceptance: list[float] | None = None) -> list[int]:
         """k per request for this step. `max_k` caps per request (room left before
         max_tokens / max_model_len, proposer limits; 0 for a request with nothing to draft).
         `forget_idle=False` for a second look at the same step (no extra fading).
         `discount`: per request, the chance its drafts hold at all (drafts that continue
-        tokens still in flight hold only if those come out as expected)."""
+        tokens still in flight hold only if those come out as expected). `acceptance`: the
+        requests' current estimates, where the caller already has them."""
         B = len(request_ids)
         if B == 0:
             return []
         caps = [min(self.max_k, m) for m in max_k] if max_k is not None else [self.max_k] * B
-        k = self._allocate([self.acceptance(rid) for rid in request_ids], caps, discount)
+        if acceptance is None:
+            acceptance = [self.acceptance(rid) for rid in request_ids]
+        k = self._allocate(acceptance, caps, discount)
         if forget_idle:
             self._forget_idle(request_ids, k)
         return k
