@@ -12,6 +12,7 @@ import gc
 import json
 import random
 import time
+from collections import deque
 
 import torch
 
@@ -78,23 +79,32 @@ def make_engine(kw: dict):
 
 def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None = None
              ) -> tuple[dict, list[list[int]]]:
-    """One timed run on a warm engine: the prompts in rounds of `batch` concurrent requests
-    (all at once by default). Request ids are fresh so per-request state starts clean. The run
-    is one job, as a worker would run it (the suffix proposer learns from the job's finished
-    outputs); each run gets a fresh job id, so a repeated run cannot copy its own outputs."""
+    """One timed run on a warm engine with `batch` requests in it at a time (all at once by
+    default): each finished request is replaced by the next prompt, as the worker feeds the
+    engine. (Rounds of `batch` that all had to finish before the next began left a tail of a
+    few slow requests every round, a cost the product does not pay; speculation, which makes
+    requests finish unevenly, paid it most.) Request ids are fresh so per-request state starts
+    clean. The run is one job, as a worker would run it (the suffix proposer learns from the
+    job's finished outputs); each run gets a fresh job id, so a repeated run cannot copy its
+    own outputs."""
     from engine.sampling_params import SamplingParams
     global _run_id
     _run_id += 1
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False)
     base = dict(eng.counters)
-    batch = batch or len(prompts)
+    queue = deque(range(len(prompts)))
+
+    def admit(n: int) -> None:
+        for _ in range(min(n, len(queue))):
+            i = queue.popleft()
+            eng.add_request(f"{_run_id}-{i}", prompts[i], sp, job_id=f"run-{_run_id}")
     outs = {}
     t0 = time.monotonic()
-    for r0 in range(0, len(prompts), batch):
-        for i in range(r0, min(r0 + batch, len(prompts))):
-            eng.add_request(f"{_run_id}-{i}", prompts[i], sp, job_id=f"run-{_run_id}")
-        while eng.has_unfinished():
-            outs.update({o.request_id: o.token_ids for o in eng.step()})
+    admit(batch or len(prompts))
+    while queue or eng.has_unfinished():
+        done = eng.step()
+        outs.update({o.request_id: o.token_ids for o in done})
+        admit(len(done))
     elapsed = time.monotonic() - t0
     c = {k: eng.counters[k] - base[k] for k in base}
     fig = {"tok_s": c["generated_tokens"] / elapsed, "elapsed_s": elapsed,
@@ -120,10 +130,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--min-rounds", type=int, default=4,
-                    help="batch sizes up to 32 run at least this many rounds (one round of 32 lasts 0.1-0.3 s, "
+                    help="batch sizes up to 32 run at least this many times b requests (32 requests last 0.1-0.3 s, "
                          "too short for one timing)")
     ap.add_argument("--min-requests", type=int, default=16,
-                    help="small batch sizes run rounds of b concurrent requests until this many ran "
+                    help="small batch sizes run b concurrent requests until this many ran "
                          "(one 128-token request alone is too short to time)")
     ap.add_argument("--draft-pair", default="smollm2-135m",
                     help="random-weight target/draft pair of this shape for the draft-model overhead row ('' skips)")

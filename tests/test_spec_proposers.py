@@ -261,6 +261,47 @@ def test_controller_mixed_batch_prefers_confident_requests():
     assert all(x > 0 for x in k[:8]) and sum(k[8:]) <= sum(k[:8])
 
 
+def _allocate_by_definition(c: SpecController, acc: list[float], caps: list[int], disc: list[float] | None):
+    """The allocation as the controller's docstring defines it: every draft's marginal gain,
+    best first (ties to the earlier request), and the count with the most tokens per unit cost
+    over every count, none where plain decoding is not beaten by min_gain."""
+    B = len(acc)
+    gains = []
+    for i, a in enumerate(acc):
+        g = disc[i] if disc else 1.0
+        for _ in range(caps[i]):
+            g *= a
+            gains.append((g, i))
+    gains.sort(key=lambda t: -t[0])
+    cost, base = c.step_cost, B / c.step_cost(B)
+    sync = c.sync_cost(B) * c.step_cost(B)
+    rates = [sum(g for g, _ in gains[:m]) + B for m in range(len(gains) + 1)]
+    rates = [t / (cost(B + m) + (sync if m else 0.0)) for m, t in enumerate(rates)]
+    best = max(range(1, len(rates)), key=lambda m: (rates[m], -m), default=0)
+    k = [0] * B
+    if best and rates[best] > base and rates[best] >= base * c.min_gain:
+        for _, i in gains[:best]:
+            k[i] += 1
+    return k
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 0.99), st.integers(0, 5), st.floats(0.05, 1.0)), min_size=1, max_size=40),
+       st.sampled_from([None, 0.0, 0.5, 2.0]), st.sampled_from([16, 64, 256]), st.booleans(), st.booleans())
+def test_controller_allocation_equals_its_definition(reqs, sync, knee, use_disc, table):
+    """The scan over draft counts stops at the first fall in tokens per cost (the cost is convex
+    and the gains fall); a measured table, not convex in general, is scanned whole."""
+    cost = StepCostTable([(1, 1.0), (24, 1.05), (40, 1.6), (200, 2.0)]) if table else StepCostModel(knee_tokens=knee)
+    c = SpecController(max_k=5, step_cost=cost, sync_factor=sync if sync is not None else 0.5)
+    acc = [round(a, 3) for a, _, _ in reqs]
+    caps = [k for _, k, _ in reqs]
+    disc = [round(d, 3) for *_, d in reqs] if use_disc else None
+    assert c._allocate(acc, caps, disc) == _allocate_by_definition(c, acc, caps, disc)
+    uniform = acc[0]
+    assert c.can_pay(len(acc), uniform) == any(_allocate_by_definition(c, [min(0.99, round(uniform + 0.005, 2))] * len(acc),
+                                                                       [5] * len(acc), None))
+
+
 def test_controller_measured_table_and_stats():
     flat = StepCostTable([(1, 0.010), (512, 0.011)])
     steep = StepCostTable([(1, 0.010), (8, 0.080)])  # pretend every token costs a full step
