@@ -12,7 +12,6 @@ import gc
 import json
 import random
 import time
-from collections import deque
 
 import torch
 
@@ -79,11 +78,13 @@ def make_engine(kw: dict):
 
 def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None = None
              ) -> tuple[dict, list[list[int]]]:
-    """One timed run on a warm engine with `batch` requests in it at a time (all at once by
-    default): each finished request is replaced by the next prompt, as the worker feeds the
-    engine. (Rounds of `batch` that all had to finish before the next began left a tail of a
-    few slow requests every round, a cost the product does not pay; speculation, which makes
-    requests finish unevenly, paid it most.) Request ids are fresh so per-request state starts
+    """One timed run on a warm engine, every prompt queued at once, with at most `batch`
+    requests running (all by default): the engine runs as one built with max_num_seqs =
+    `batch` does, admitting as requests finish (on the GPU, a slot's worth at a time: an
+    eighth of max_num_seqs, so that prefills share steps). (Until 2026-11-28 runs went in
+    rounds of `batch` that all had to finish before the next began: a tail of a few slow
+    requests every round, a cost a job does not pay, and one that speculation, which makes
+    requests finish unevenly, paid most.) Request ids are fresh so per-request state starts
     clean. The run is one job, as a worker would run it (the suffix proposer learns from the
     job's finished outputs); each run gets a fresh job id, so a repeated run cannot copy its
     own outputs."""
@@ -92,19 +93,21 @@ def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None =
     _run_id += 1
     sp = SamplingParams(max_tokens=max_tokens, temperature=0, detokenize=False)
     base = dict(eng.counters)
-    queue = deque(range(len(prompts)))
-
-    def admit(n: int) -> None:
-        for _ in range(min(n, len(queue))):
-            i = queue.popleft()
-            eng.add_request(f"{_run_id}-{i}", prompts[i], sp, job_id=f"run-{_run_id}")
+    cfg, sched = eng.config, eng.scheduler
+    saved = cfg.max_num_seqs, sched.min_admission_slots
+    if batch:
+        cfg.max_num_seqs = batch
+        if saved[1] > 1:
+            sched.min_admission_slots = max(1, batch // 8)
     outs = {}
     t0 = time.monotonic()
-    admit(batch or len(prompts))
-    while queue or eng.has_unfinished():
-        done = eng.step()
-        outs.update({o.request_id: o.token_ids for o in done})
-        admit(len(done))
+    try:
+        for i, p in enumerate(prompts):
+            eng.add_request(f"{_run_id}-{i}", p, sp, job_id=f"run-{_run_id}")
+        while eng.has_unfinished():
+            outs.update({o.request_id: o.token_ids for o in eng.step()})
+    finally:
+        cfg.max_num_seqs, sched.min_admission_slots = saved
     elapsed = time.monotonic() - t0
     c = {k: eng.counters[k] - base[k] for k in base}
     fig = {"tok_s": c["generated_tokens"] / elapsed, "elapsed_s": elapsed,
