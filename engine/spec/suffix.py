@@ -49,7 +49,7 @@ class SuffixIndex:
         self.max_occ = max_occurrences
         self.tokens: list[int] = []
         self.base = 0
-        self.tables: dict[int, dict[tuple[int, ...], int | list[int]]] = {n: {} for n in self.lengths}
+        self.tables: dict[int, dict[tuple[int, ...], int | tuple[int, ...]]] = {n: {} for n in self.lengths}
         self.indexed_to = 0  # absolute end positions < indexed_to are indexed
         self.has_sep = False  # request indexes never hold SEP: skip the per-gram check
 
@@ -78,16 +78,18 @@ class SuffixIndex:
                     break  # longer n-grams contain it too
                 table = self.tables[n]
                 occ = table.get(gram)
-                # Most n-grams occur once: store a bare int, not a list, so the index holds
-                # few GC-tracked containers (gen-2 collections otherwise cost 100+ ms).
+                # Most n-grams occur once: a bare int. More occurrences go in a tuple, which
+                # the garbage collector stops tracking once it has seen it holds only ints: as
+                # lists, a job index's 400k of them made every full collection take 300 ms
+                # (dev CPU), a stall of whichever step it fell in.
                 if occ is None:
                     table[gram] = e
                 elif type(occ) is int:
-                    table[gram] = [occ, e]
-                else:
-                    occ.append(e)
-                    if len(occ) > 2 * self.max_occ:  # amortised trim, keep the most recent
-                        del occ[: len(occ) - self.max_occ]
+                    table[gram] = (occ, e)
+                elif len(occ) < 2 * self.max_occ:
+                    table[gram] = occ + (e,)
+                else:  # keep the most recent
+                    table[gram] = occ[len(occ) - self.max_occ + 1:] + (e,)
         self.indexed_to = max(self.indexed_to, stop)
 
     def _append_bulk(self, stop: int) -> None:
@@ -109,17 +111,17 @@ class SuffixIndex:
         `append`'s on purpose: a helper call per n-gram would cost this loop a third of its
         speed; one call per length is noise. (The reverse, `append`'s token loop gathering
         n-grams for this helper, doubled a one-token append: 2.1 -> 4.1 us on the CI CPU.)"""
-        get, cap = table.get, 2 * self.max_occ
+        get, cap, keep = table.get, 2 * self.max_occ, 1 - self.max_occ
         for g, e in zip(grams, ends):
             occ = get(g)
             if occ is None:
                 table[g] = e
             elif type(occ) is int:
-                table[g] = [occ, e]
+                table[g] = (occ, e)
+            elif len(occ) < cap:
+                table[g] = occ + (e,)
             else:
-                occ.append(e)
-                if len(occ) > cap:
-                    del occ[: len(occ) - self.max_occ]
+                table[g] = occ[len(occ) + keep:] + (e,)
 
     def append_sequence(self, seq: list[int]) -> None:
         """Add a finished sequence and a SEP after it, every position of it indexed (its last
@@ -152,7 +154,7 @@ class SuffixIndex:
         # The longest matched length, by binary search over the ladder: a context suffix found
         # at length n is found at every shorter length too (the same end position indexes all
         # of them, and keys are never removed), so matches are monotone in n.
-        occ: int | list[int] | None = None
+        occ: int | tuple[int, ...] | None = None
         n_match = 0
         lengths, tables, C = self.lengths, self.tables, len(context)
         lo, hi = 0, bisect.bisect_right(lengths, C)  # candidates lengths[lo:hi]
@@ -167,7 +169,7 @@ class SuffixIndex:
         if occ is None:
             return Draft()
         if type(occ) is int:
-            occ = [occ]
+            occ = (occ,)
         # A short match is weak evidence whatever its counts say: cap the draft by it.
         k = min(k, max(1, int(spec_factor * n_match)))
         alive = occ[-self.max_occ:]
@@ -187,7 +189,8 @@ class SuffixIndex:
             if self.has_sep and SEP in toks:
                 ends = [e for e, x in zip(ends, toks) if x != SEP]
                 toks = [x for x in toks if x != SEP]
-            if self_overlap:
+            if self_overlap and cut < len(alive):
+                ends = list(ends)  # (a slice of the stored tuple)
                 for e in alive[cut:]:
                     j = e + off - L
                     if j < len(draft):
