@@ -150,6 +150,7 @@ class SpecController:
             gains = [a ** j for j in range(1, self.max_k + 1) for _ in range(batch)]
             ok = self._can_pay[key] = self._best_count(gains, batch) > 0
         return ok
+
     def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float,
                      decode_only: bool = True) -> None:
         """One finished engine step. Overlapped plain decode steps set the plain step time; a
