@@ -24,11 +24,6 @@ log = logging.getLogger(__name__)
 # Steps whose sequences each bring at most this many new tokens run as decode steps with one
 # row per token (see ModelRunner.prepare); larger chunks go through the extend kernel.
 MAX_ROWS_AS_DECODE = 8
-# Steps with prefill chunks run that way too (through the captured decode graphs) when their
-# rows fit the largest graph and read at most this many KV positions in all: an admission in
-# the middle of a run is then one graph replay, not an eager step (about 15 ms of kernel
-# launches on SmolLM2 against 2.5 ms for a captured decode step at batch 32).
-MAX_DECODE_ROW_READS = 65536
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
 # below it attention is a small part of the step and the plan's host time would not pay.
 CASCADE_MIN_ROWS = 32
@@ -109,8 +104,6 @@ class ModelRunner:
         self.graph_bufs: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
-        # Most rows a step with prefill chunks may have to run as decode rows (0: never).
-        self.max_prefill_rows_as_decode = max(self.graphs, default=0)
         if self.device.type == "cuda":
             from kernels import step_inputs
             step_inputs.warm_up(self.device, config.num_speculative_tokens if config.speculative_method else 0)
@@ -230,8 +223,7 @@ class ModelRunner:
         dev = self.device
         ctx = starts + lens
         B_rows, q_max = B, int(lens.max())
-        as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE or (
-            q_max > 1 and T <= self.max_prefill_rows_as_decode and int(pos.sum()) + T <= MAX_DECODE_ROW_READS)
+        as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE
         if as_decode:
             # Few new tokens per sequence (speculative verification): give every token a row of
             # its own, with its sequence's block table and a context ending at its own position.
