@@ -226,7 +226,11 @@ class LLMEngine:
         else:  # a drafting step already finished the one in flight; without async output there is none
             done = launched
         if done is not None:
-            outputs.extend(self._finish(done))
+            # With overlap, the step finished here ends after this call launched the next one:
+            # a prefill launched eagerly (~15 ms of kernel launches on SmolLM2) then lands in
+            # the finished decode step's period, which says nothing about decode steps then.
+            tainted = launched is not None and launched is not done and not launched.inp.meta.is_decode
+            outputs.extend(self._finish(done, tainted))
         return outputs
 
     def _wait_inflight(self) -> list[RequestOutput]:
@@ -303,7 +307,9 @@ class LLMEngine:
                                                              self.default_generator, offsets=offsets)
         return sample(logits, st, noise, want_lp)
 
-    def _finish(self, fl: "_Inflight") -> list[RequestOutput]:
+    def _finish(self, fl: "_Inflight", tainted: bool = False) -> list[RequestOutput]:
+        """The step's tokens reached the host: append, stop, free. `tainted`: its period holds
+        another step's launch, so the speculation governor and controller do not learn from it."""
         host = fl.wait()
         t3 = time.perf_counter()
         now = time.monotonic()
@@ -363,7 +369,7 @@ class LLMEngine:
             # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
-                              decode_only=fl.inp.meta.is_decode)
+                              decode_only=fl.inp.meta.is_decode, tainted=tainted)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:

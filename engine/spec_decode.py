@@ -140,7 +140,14 @@ class SpecDecoder:
         return self.governor is None or self.governor.speculate(num_running)
 
     def observe(self, batch: int, spec_mode: bool, tokens: int, seconds: float, rows: int = 0,
-                drafted: bool = False, overlapped: bool = False, decode_only: bool = True) -> None:
+                drafted: bool = False, overlapped: bool = False, decode_only: bool = True,
+                tainted: bool = False) -> None:
+        """A finished step, for the governor and the controller to learn from: a decode step,
+        and not one whose period holds another step's prefill launch (`tainted`). Prefill
+        costs (an admission's eager launch is about 15 ms on SmolLM2) belong to neither mode;
+        charged to the mode in force, they made that mode look slow."""
+        if tainted or not decode_only:
+            return
         if self.governor is not None:
             self.governor.observe(batch, spec_mode, tokens, seconds)
         if self.adaptive and self.engine.async_output:

@@ -559,3 +559,36 @@ def test_token_slice_reads_prompt_outputs_and_drafts_as_one_sequence():
     r.output_token_ids, r.spec_token_ids = [4, 5, 6], [7, 8, 9]
     full = list(range(1, 10))
     assert all(r.token_slice(a, b) == full[a:b] for a in range(10) for b in range(a, 10))
+
+
+def test_a_prefill_launch_is_not_charged_to_the_decode_step_finished_after_it():
+    """With overlap, the step finished in a call ends after that call launched the next step. A
+    prefill launched eagerly (here made to cost 60 ms) must not be learned as the cost of the
+    decode step finished after it: the governor's samples and the controller's plain-step
+    time stay at decode-step cost, and greedy output is unchanged."""
+    import time
+
+    prompts = copy_heavy_prompts(9)
+    params = [SamplingParams(max_tokens=6 + 5 * (i % 3), temperature=0, ignore_eos=True) for i in range(9)]
+    plain = run_engine(tiny_engine("llama", max_num_seqs=3), prompts, params)
+    eng = tiny_engine("llama", max_num_seqs=3, async_scheduling=True, speculative_method="ngram",
+                      num_speculative_tokens=3)
+    forward = eng.runner.forward
+
+    def slow_prefill(inp):
+        if not inp.meta.is_decode:
+            time.sleep(0.06)
+        return forward(inp)
+    eng.runner.forward = slow_prefill
+    gov, ctl, seen = eng.spec.governor, eng.spec.controller, []
+    observe_gov, observe_ctl, observe = gov.observe, ctl.observe_step, eng.spec.observe
+    gov.observe = lambda b, m, tok, sec: (seen.append(("gov", sec)), observe_gov(b, m, tok, sec))
+    ctl.observe_step = lambda *a, **kw: (seen.append(("ctl", a[4] if a[5] else 0.0)), observe_ctl(*a, **kw))
+    tainted = []
+    eng.spec.observe = lambda *a, **kw: (tainted.append(kw.get("tainted", False)), observe(*a, **kw))
+    spec = run_engine(eng, prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert sum(tainted) >= 3  # admissions mid-run did land in decode steps' periods
+    decode_samples = [sec for who, sec in seen]
+    assert decode_samples and max(decode_samples) < 0.05
+    assert all(s < 0.05 for s in ctl._plain_s.values())
