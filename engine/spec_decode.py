@@ -231,6 +231,37 @@ class SpecDecoder:
             return any(ks)
         return self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
 
+    def take_turns(self, running: list[Request]) -> set[str] | None:
+        """`speculative_alternate`, with a verification in flight: its requests sit this step
+        out (their ids are returned), so that next step they draft from whole histories. The
+        requests whose tokens are all on the host draft now, exactly, without a wait; those
+        with a plain token in flight decode plainly, unless their known history matches
+        something worth drafting for (then they sit out too). None where nobody would be left
+        to run: the caller waits as usual."""
+        sit_out = {r.request_id for r in running if r.num_unverified}
+        known = [r for r in running if not r.num_unverified and not r.num_pending]
+        plain = [r for r in running if not r.num_unverified and r.num_pending]
+        if plain and self.draft_ahead(plain, will_wait=True):
+            sit_out.update(r.request_id for r in plain)
+            plain = []
+        if not sit_out or not (known or plain):
+            return None
+        if known:
+            self.draft_ahead(known)
+        return sit_out
+
+    def split_turns(self, running: list[Request]) -> set[str] | None:
+        """`speculative_alternate`, after waiting for the step in flight (every token on the
+        host): draft for the first half of the batch only, and let the second half sit out,
+        so that the halves take turns from the next step on. None: the first half would not
+        draft (the caller drafts for everyone as usual)."""
+        if len(running) < 2:
+            return None
+        half = (len(running) + 1) // 2
+        if not self.draft_ahead(running[:half]):
+            return None
+        return {r.request_id for r in running[half:]}
+
     def _probe(self, reqs: list[Request]) -> None:
         """Nobody is worth drafting for on current evidence. Every few steps, guess anyway (no
         drafts): scored guesses are how a request that turned copyable earns its drafts back,
