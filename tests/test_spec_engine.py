@@ -625,3 +625,19 @@ def test_alternating_halves_keep_greedy_and_seeded_output(method):
             assert s["spec_accepted"] > 0
             assert s["spec_wait_steps"] < s["spec_alternate_steps"]  # turns replaced most waits
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_alternating_halves_under_preemption():
+    """A pool too small for the batch: requests that sit a step out can be preempted (their
+    tokens in flight still land) and recomputed; output is unchanged and no block leaks."""
+    prompts = copy_heavy_prompts(10)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama"), prompts, sp)
+    eng = tiny_engine("llama", async_scheduling=True, speculative_method="ngram", num_speculative_tokens=3,
+                      adaptive_speculation=False, speculative_alternate=True, prompt_lookup_min=1,
+                      num_gpu_blocks_override=24)
+    spec = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    s = eng.stats()
+    assert s["preemptions"] > 0 and s["spec_alternate_steps"] > 0
+    assert eng.block_manager.num_free_blocks == 24
