@@ -129,10 +129,10 @@ def _instrument(sched, counts: Counts):
     orig = sched.schedule
     upto: dict[int, int] = {}  # per request: positions below this are prefill (prompt, or recompute)
 
-    def schedule():
+    def schedule(*args, **kwargs):
         waiting = {id(r) for r in sched.waiting}
         preempted = {id(r) for r in sched.waiting if r.num_preemptions}
-        out = orig()
+        out = orig(*args, **kwargs)
         # Runs before the engine launches the batch, so num_computed_tokens is where each grant starts.
         for req, n in zip(out.requests, out.num_tokens):
             counts.computed_tokens += n

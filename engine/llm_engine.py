@@ -42,6 +42,7 @@ class _Inflight:
         self.t_start = t0  # when the step() call that launched it began (before any drafting)
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
+        self.num_running = 0  # running requests when it was planned (the governor's batch size)
         # On the device, per sampling request: the newest token (the next step gathers its
         # input from it) and, after verification, the drafts accepted (the next step's shift).
         self.tokens: torch.Tensor | None = None
@@ -179,7 +180,8 @@ class LLMEngine:
         t_start = time.perf_counter()
         overlap = self.async_output
         sit_out = None  # requests that skip this step (`speculative_alternate`)
-        spec_mode = self.spec is not None and self.spec.should_speculate(len(self.scheduler.running))
+        num_running = len(self.scheduler.running)
+        spec_mode = self.spec is not None and self.spec.should_speculate(num_running)
         if self.spec is not None:
             self.spec.clear_drafts()
         if spec_mode:
@@ -227,7 +229,7 @@ class LLMEngine:
             burst = burst_length(batch, self.config.num_scheduler_steps, self.max_model_len, self.block_manager)
         launched = self._launch(batch, t0, burst) if batch.requests else None
         if launched is not None:
-            launched.spec_mode = spec_mode
+            launched.spec_mode, launched.num_running = spec_mode, num_running
             launched.t_start = t_start
             launched.overlapped = overlap and self._inflight is not None
         if overlap:
@@ -378,7 +380,7 @@ class LLMEngine:
             # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
-                              decode_only=fl.inp.meta.is_decode, tainted=tainted)
+                              decode_only=fl.inp.meta.is_decode, tainted=tainted, running=fl.num_running)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:

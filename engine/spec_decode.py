@@ -141,15 +141,18 @@ class SpecDecoder:
 
     def observe(self, batch: int, spec_mode: bool, tokens: int, seconds: float, rows: int = 0,
                 drafted: bool = False, overlapped: bool = False, decode_only: bool = True,
-                tainted: bool = False) -> None:
+                tainted: bool = False, running: int = 0) -> None:
         """A finished step, for the governor and the controller to learn from: a decode step,
         and not one whose period holds another step's prefill launch (`tainted`). Prefill
         costs (an admission's eager launch is about 15 ms on SmolLM2) belong to neither mode;
-        charged to the mode in force, they made that mode look slow."""
+        charged to the mode in force, they made that mode look slow. `batch`: the requests it
+        sampled for (the controller prices the step by them); `running`: the requests running
+        when it was planned, the batch size the governor decided for (with alternating halves
+        only about half of them run in a step)."""
         if tainted or not decode_only:
             return
         if self.governor is not None:
-            self.governor.observe(batch, spec_mode, tokens, seconds)
+            self.governor.observe(running or batch, spec_mode, tokens, seconds)
         if self.adaptive and self.engine.async_output:
             self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds, decode_only)
 
@@ -260,7 +263,7 @@ class SpecDecoder:
         half = (len(running) + 1) // 2
         if not self.draft_ahead(running[:half]):
             return None
-        return {r.request_id for r in running[half:]}
+        return {r.request_id for r in running[half:] if r.num_computed_tokens == r.num_tokens - 1}  # (decoding)
 
     def _probe(self, reqs: list[Request]) -> None:
         """Nobody is worth drafting for on current evidence. Every few steps, guess anyway (no

@@ -641,3 +641,25 @@ def test_alternating_halves_under_preemption():
     s = eng.stats()
     assert s["preemptions"] > 0 and s["spec_alternate_steps"] > 0
     assert eng.block_manager.num_free_blocks == 24
+
+
+def test_alternating_steps_teach_the_governor_for_the_batch_it_decided_for():
+    """With alternating halves a step runs about half the batch; its sample must count for the
+    batch size the governor decided for (the running requests), or that size's speculating
+    mode would never get samples and the governor could not turn it off."""
+    prompts = copy_heavy_prompts(10)
+    eng = tiny_engine("llama", async_scheduling=True, speculative_method="ngram", num_speculative_tokens=3,
+                      speculative_alternate=True, prompt_lookup_min=1)
+    ctl, gov = eng.spec.controller, eng.spec.governor
+    ctl.can_pay = lambda *a, **kw: True  # (the CPU's timings say nothing about the GPU's costs)
+    ctl._allocate = lambda acceptance, caps, discount=None: list(caps)
+    gov.speculate = lambda b: True  # speculating mode throughout
+    calls, observe = [], eng.spec.observe
+    eng.spec.observe = lambda *a, **kw: (calls.append((a[0], kw.get("running", 0))), observe(*a, **kw))
+    run_engine(eng, prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert eng.stats()["spec_alternate_steps"] >= 3
+    assert any(running > sampled for sampled, running in calls)  # half the batch ran, all of it counted
+    # The governor files a sample under the running count it is given, not the step's rows.
+    gov.samples.clear()
+    eng.spec.observe(5, True, 12, 0.01, rows=20, drafted=True, decode_only=True, running=10)
+    assert set(gov.samples) == {(gov.bucket(10), True)}
