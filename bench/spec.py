@@ -121,6 +121,12 @@ def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None =
     return fig, [outs[f"{_run_id}-{i}"] for i in range(len(prompts))]
 
 
+def _spread(rates: list[float]) -> float:
+    """How far apart one mode's runs were (1 - slowest / fastest): the noise a speedup near
+    1.0 has to be read against."""
+    return 1 - min(rates) / max(rates)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -204,10 +210,7 @@ def main(argv=None) -> dict:
                         best[mode] = fig
             off = best["off"]
             baseline[f"{name}_b{b}_tok_s"] = off["tok_s"]
-            # How far apart one mode's runs were (1 - slowest / fastest): the noise a speedup near
-            # 1.0 has to be read against.
-            spread = lambda r: 1 - min(r) / max(r)  # noqa: E731
-            baseline[f"{name}_b{b}_run_spread"] = spread(rates["off"])
+            baseline[f"{name}_b{b}_run_spread"] = _spread(rates["off"])
             rows.append((f"{name} b={b} off", off))
             for method in methods:
                 fig = best[method]
@@ -215,7 +218,7 @@ def main(argv=None) -> dict:
                 for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length", "steps", "spec_mode_steps",
                           "wait_steps", "alternate_steps"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
-                figures[f"{name}_b{b}_{method}_run_spread"] = spread(rates[method])
+                figures[f"{name}_b{b}_{method}_run_spread"] = _spread(rates[method])
                 rows.append((f"{name} b={b} {method}", fig))
     if trace_file is not None:
         trace_file.close()

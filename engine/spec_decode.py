@@ -263,7 +263,7 @@ class SpecDecoder:
         half = (len(running) + 1) // 2
         if not self.draft_ahead(running[:half]):
             return None
-        return {r.request_id for r in running[half:] if r.num_computed_tokens == r.num_tokens - 1}  # (decoding)
+        return {r.request_id for r in self._decoding(running[half:])[0]}  # (prefilling requests run on)
 
     def _probe(self, reqs: list[Request]) -> None:
         """Nobody is worth drafting for on current evidence. Every few steps, guess anyway (no
