@@ -43,6 +43,7 @@ class _Inflight:
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
         self.num_running = 0  # running requests when it was planned (the governor's batch size)
+        self.spec_job = None  # the job the governor decided for
         # On the device, per sampling request: the newest token (the next step gathers its
         # input from it) and, after verification, the drafts accepted (the next step's shift).
         self.tokens: torch.Tensor | None = None
@@ -156,6 +157,8 @@ class LLMEngine:
                       cache_salt=self.config.cache_salt, job_id=job_id)
         self.requests[request_id] = req
         self.scheduler.add(req)
+        if self.spec is not None:
+            self.spec.on_added(req)
 
     def abort(self, request_id: str) -> None:
         req = self.scheduler.abort(request_id)
@@ -230,6 +233,7 @@ class LLMEngine:
         launched = self._launch(batch, t0, burst) if batch.requests else None
         if launched is not None:
             launched.spec_mode, launched.num_running = spec_mode, num_running
+            launched.spec_job = self.spec.decided_job if self.spec is not None else None
             launched.t_start = t_start
             launched.overlapped = overlap and self._inflight is not None
         if overlap:
@@ -380,7 +384,8 @@ class LLMEngine:
             # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
-                              decode_only=fl.inp.meta.is_decode, tainted=tainted, running=fl.num_running)
+                              decode_only=fl.inp.meta.is_decode, tainted=tainted, running=fl.num_running,
+                              job=fl.spec_job)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:
