@@ -244,7 +244,7 @@ class LLMEngine:
             # With overlap, the step finished here ends after this call launched the next one:
             # a prefill launched eagerly (~15 ms of kernel launches on SmolLM2) then lands in
             # the finished decode step's period, which says nothing about decode steps then.
-            tainted = launched is not None and launched is not done and not launched.inp.meta.is_decode
+            tainted = launched is not None and launched is not done and launched.inp.has_prefill
             outputs.extend(self._finish(done, tainted))
         return outputs
 
@@ -384,7 +384,7 @@ class LLMEngine:
             # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
-                              decode_only=fl.inp.meta.is_decode, tainted=tainted, running=fl.num_running,
+                              decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted, running=fl.num_running,
                               job=fl.spec_job)
         return outputs
 

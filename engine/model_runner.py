@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 # Steps whose sequences each bring at most this many new tokens run as decode steps with one
 # row per token (see ModelRunner.prepare); larger chunks go through the extend kernel.
 MAX_ROWS_AS_DECODE = 8
+# Steps with prefill chunks run that way too (through the captured decode graphs) when their
+# rows fit the largest graph and read at most this many KV positions in all: an admission in
+# the middle of a run is then one graph replay, not an eager step (about 15 ms of kernel
+# launches on SmolLM2 against 2.5 ms for a captured decode step at batch 32).
+MAX_DECODE_ROW_READS = 65536
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
 # below it attention is a small part of the step and the plan's host time would not pay.
 CASCADE_MIN_ROWS = 32
@@ -62,6 +67,9 @@ class StepInputs:
     # Per sampling request, positions the step in flight added beyond the host's count
     # (accepted drafts); seeded sampling keys its noise by the true position. None: all 0.
     sample_offsets: torch.Tensor | None = None
+    # Some sequence computes prompt tokens (an admission, a chunk, a preempted recompute): the
+    # step's time is not a decode step's, whichever kernel path ran it.
+    has_prefill: bool = False
 
 
 class ModelRunner:
@@ -104,6 +112,8 @@ class ModelRunner:
         self.graph_bufs: dict[str, torch.Tensor] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
+        # Most rows a step with prefill chunks may have to run as decode rows (0: never).
+        self.max_prefill_rows_as_decode = max(self.graphs, default=0)
         if self.device.type == "cuda":
             from kernels import step_inputs
             step_inputs.warm_up(self.device, config.num_speculative_tokens if config.speculative_method else 0)
@@ -223,7 +233,8 @@ class ModelRunner:
         dev = self.device
         ctx = starts + lens
         B_rows, q_max = B, int(lens.max())
-        as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE
+        as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE or (
+            q_max > 1 and T <= self.max_prefill_rows_as_decode and int(pos.sum()) + T <= MAX_DECODE_ROW_READS)
         if as_decode:
             # Few new tokens per sequence (speculative verification): give every token a row of
             # its own, with its sequence's block table and a context ending at its own position.
@@ -326,8 +337,10 @@ class ModelRunner:
             context_lens=ctx_t.to(torch.int32), cu_seqlens_q=cu_t.to(torch.int32),
             is_decode=is_decode, max_q_len=int(lens.max()), max_context_len=int(ctx.max()) + max_shift,
             cascade=cascade)
+        has_prefill = not plain and any(s < r.num_prompt_tokens for r, s in zip(reqs, starts.tolist()))
         return StepInputs(input_ids, pos_t, meta, logit_t, sample_rows, rows_per_req, int(ctx.sum()),
-                          draft_ids=draft_t, verify_rows=vidx_t, sample_offsets=sample_offsets)
+                          draft_ids=draft_t, verify_rows=vidx_t, sample_offsets=sample_offsets,
+                          has_prefill=has_prefill)
 
     # ---- forward -------------------------------------------------------------
     @torch.inference_mode()

@@ -165,6 +165,30 @@ def test_engine_on_triton_kernels_matches_transformers(monkeypatch):
     assert [o.token_ids for o in outs] == expected
 
 
+@pytest.mark.parametrize("family", ["llama-gqa3-tied", "qwen3"])
+def test_prefill_chunks_run_as_decode_rows_match_transformers(family):
+    """On the GPU a step whose rows fit the largest decode graph runs prefill chunks as one
+    row per token through it (an admission mid-run is then a graph replay, not an eager
+    step). Forced on here: chunked prompts, prefix hits and async output keep greedy output."""
+    shared = mixed_prompts(1, 256, 40, 40, seed=21)[0]
+    prompts = mixed_prompts(12, 256, 3, 100, seed=22) + [shared + p for p in mixed_prompts(6, 256, 1, 20, seed=23)]
+    expected = hf_greedy(tiny_model_dir(family), prompts, GREEDY.max_tokens)
+    eng = tiny_engine(family, max_num_seqs=5, async_scheduling=True)
+    eng.runner.max_prefill_rows_as_decode = 256
+    calls = []
+    real = eng.runner.prepare
+
+    def prepare(*a, **kw):
+        inp = real(*a, **kw)
+        calls.append(inp.meta.is_decode and int(inp.meta.block_tables.shape[0]) > len(a[0].requests))
+        return inp
+    eng.runner.prepare = prepare
+    outs = run_engine(eng, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    assert sum(calls) >= 10  # steps with prefill chunks did run as decode rows
+    assert eng.block_manager.stats.hit_tokens > 0
+
+
 def test_async_output_matches_transformers_with_preemption_and_stops():
     """The overlapped step (host finishes step n while step n+1 is launched) on the CPU."""
     prompts = mixed_prompts(24, 256, 20, 100, seed=13)

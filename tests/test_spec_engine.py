@@ -654,6 +654,36 @@ def test_a_prefill_launch_is_not_charged_to_the_decode_step_finished_after_it():
     assert all(s < 0.05 for s in ctl._plain_s.values())
 
 
+def test_a_step_with_prefill_rows_run_as_decode_rows_is_not_a_decode_sample():
+    """On the GPU an admission whose rows fit a decode graph runs as decode rows: the step is a
+    decode step to the kernels, but its time (here made 60 ms) is not a decode step's. The
+    governor and the controller must not learn from it; greedy output is unchanged."""
+    import time
+
+    prompts = copy_heavy_prompts(9)
+    params = [SamplingParams(max_tokens=6 + 5 * (i % 3), temperature=0, ignore_eos=True) for i in range(9)]
+    plain = run_engine(tiny_engine("llama", max_num_seqs=3), prompts, params)
+    eng = tiny_engine("llama", max_num_seqs=3, async_scheduling=True, speculative_method="ngram",
+                      num_speculative_tokens=3)
+    eng.runner.max_prefill_rows_as_decode = 512
+    forward, as_decode = eng.runner.forward, []
+
+    def slow_prefill(inp):
+        if inp.has_prefill:
+            as_decode.append(inp.meta.is_decode)
+            time.sleep(0.06)
+        return forward(inp)
+    eng.runner.forward = slow_prefill
+    gov, ctl, seen = eng.spec.governor, eng.spec.controller, []
+    observe_gov, observe_ctl = gov.observe, ctl.observe_step
+    gov.observe = lambda b, m, tok, sec, *rest: (seen.append(sec), observe_gov(b, m, tok, sec, *rest))
+    ctl.observe_step = lambda *a, **kw: (seen.append(a[4] if a[5] else 0.0), observe_ctl(*a, **kw))
+    spec = run_engine(eng, prompts, params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert sum(as_decode) >= 3  # admissions did run as decode rows
+    assert seen and max(seen) < 0.05
+
+
 @pytest.mark.parametrize("method", ["ngram", "suffix"])
 def test_alternating_halves_keep_greedy_and_seeded_output(method):
     """`speculative_alternate`: with a verification in flight, the requests whose tokens are on
