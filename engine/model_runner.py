@@ -22,8 +22,9 @@ from kernels import ops
 log = logging.getLogger(__name__)
 
 # Steps whose sequences each bring at most this many new tokens run as decode steps with one
-# row per token (see ModelRunner.prepare); larger chunks go through the extend kernel.
-MAX_ROWS_AS_DECODE = 8
+# row per token (see ModelRunner.prepare); larger chunks go through the extend kernel. 16:
+# verification of up to 15 drafts per request (`--num-speculative-tokens` up to 15).
+MAX_ROWS_AS_DECODE = 16
 # Steps with prefill chunks run that way too (through the captured decode graphs) when their
 # rows fit the largest graph and read at most this many KV positions in all: an admission in
 # the middle of a run is then one graph replay, not an eager step (about 15 ms of kernel
