@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                     help="ngram, suffix; '-ahead' (ngram-ahead) drafts past the step in flight; '-alt' "
                          "(ngram-alt) lets requests with a verification in flight sit a step out instead of waiting")
     ap.add_argument("--workloads", default="extract,rewrite,json,chat")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=8, help="most drafts per step (the engine's default for n-gram and suffix)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--docs", type=int, default=256)
     ap.add_argument("--min-rounds", type=int, default=4,

@@ -753,3 +753,14 @@ def test_alternating_steps_teach_the_governor_for_the_batch_it_decided_for():
     gov.samples.clear()
     eng.spec.observe(5, True, 12, 0.01, rows=20, drafted=True, decode_only=True, running=10, job=gov.job)
     assert set(gov.samples) == {(gov.bucket(10), True)}
+
+
+def test_default_draft_length_depends_on_the_proposer():
+    """Host-side lookups draft up to 8 tokens by default (measured faster than 4 on the H100);
+    a draft model, which runs a forward per draft token, 4; an explicit k is kept."""
+    from engine.config import EngineConfig
+    assert EngineConfig(model="m", speculative_method="ngram").num_speculative_tokens == 8
+    assert EngineConfig(model="m", speculative_method="suffix").num_speculative_tokens == 8
+    assert EngineConfig(model="m", speculative_model="d").num_speculative_tokens == 4
+    assert EngineConfig(model="m", speculative_method="ngram", num_speculative_tokens=3).num_speculative_tokens == 3
+    assert EngineConfig(model="m").num_speculative_tokens == 0
