@@ -115,7 +115,6 @@ def run_mode(eng, prompts: list[list[int]], max_tokens: int, batch: int | None =
            "proposed": c["spec_proposed"],
            # how the governor and the lookahead spent the steps
            "steps": c["steps"], "spec_mode_steps": c["spec_mode_steps"], "wait_steps": c["spec_wait_steps"],
-           "alternate_steps": c["spec_alternate_steps"],
            "verifications": c["spec_verifications"],
            "mean_accepted_length": c["spec_accepted"] / c["spec_verifications"] if c["spec_verifications"] else 0.0}
     return fig, [outs[f"{_run_id}-{i}"] for i in range(len(prompts))]
@@ -134,8 +133,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32", help="float32 keeps greedy outputs comparable across modes")
     ap.add_argument("--batch-sizes", default="1,8,32,256")
     ap.add_argument("--methods", default="ngram,suffix",
-                    help="ngram, suffix; '-ahead' (ngram-ahead) drafts past the step in flight; '-alt' "
-                         "(ngram-alt) lets requests with a verification in flight sit a step out instead of waiting")
+                    help="ngram, suffix; '-ahead' (ngram-ahead) drafts past the step in flight")
     ap.add_argument("--workloads", default="extract,rewrite,json,chat")
     ap.add_argument("--k", type=int, default=8, help="most drafts per step (the engine's default for n-gram and suffix)")
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -176,9 +174,9 @@ def main(argv=None) -> dict:
         # "<method>-ahead": the same proposer drafting past the step in flight (no wait after
         # plain steps), to compare both drafting modes in one run on one card.
         base, _, variant = m.partition("-")
-        extra = {"ahead": {"speculative_draft_ahead": True}, "alt": {"speculative_alternate": True}}.get(variant, {})
-        if variant not in ("", "ahead", "alt") or base not in ("ngram", "suffix"):
-            raise SystemExit(f"unknown method {m!r}: use ngram, suffix, or either with -ahead or -alt")
+        extra = {"speculative_draft_ahead": True} if variant == "ahead" else {}
+        if variant not in ("", "ahead") or base not in ("ngram", "suffix"):
+            raise SystemExit(f"unknown method {m!r}: use ngram, suffix, or either with -ahead")
         engines[m] = make_engine(dict(base_kw, speculative_method=base, num_speculative_tokens=args.k, **extra))
     figures, baseline, rows, mismatches = {}, {}, [], []
     traces, trace_file = {}, None
@@ -216,7 +214,7 @@ def main(argv=None) -> dict:
                 fig = best[method]
                 fig["speedup"] = fig["tok_s"] / off["tok_s"]
                 for k in ("tok_s", "acceptance", "speedup", "mean_accepted_length", "steps", "spec_mode_steps",
-                          "wait_steps", "alternate_steps"):
+                          "wait_steps"):
                     figures[f"{name}_b{b}_{method}_{k}"] = fig[k]
                 figures[f"{name}_b{b}_{method}_run_spread"] = _spread(rates[method])
                 rows.append((f"{name} b={b} {method}", fig))
@@ -261,8 +259,7 @@ def main(argv=None) -> dict:
         "model": args.model, "dtype": args.dtype, "k": args.k, "max_tokens": args.max_tokens,
         "repeats": args.repeats, "timing": "modes alternate; each figure is the mode's fastest run",
         "batch_sizes": batch_sizes, "methods": methods,
-        "drafting": "wait for the step in flight before drafting; '-ahead' methods draft past it; '-alt' "
-                    "methods let requests verifying drafts sit a step out",
+        "drafting": "wait for the step in flight before drafting; '-ahead' methods draft past it",
         "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
                 ["tok_s", "speedup", "acceptance", "elapsed_s", "steps", "spec_mode_steps", "wait_steps"])

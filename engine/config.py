@@ -46,12 +46,6 @@ class EngineConfig:
     # proposer guesses it (no wait) instead of waiting for it (exact drafts, lost overlap).
     # Off by default: on the H100 waiting measured faster (docs/benchmarks.md).
     speculative_draft_ahead: bool = False
-    # n-gram/suffix, async output: instead of waiting for a verification in flight, a step
-    # drafts for and runs only the requests whose tokens are all on the host; the others (in
-    # the step in flight) sit it out. Two halves of the batch take turns, so one half's host
-    # work overlaps the other's verification and drafts stay exact. Not measured on the GPU
-    # yet (docs/speculative-decoding.md); off by default.
-    speculative_alternate: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

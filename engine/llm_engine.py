@@ -119,7 +119,7 @@ class LLMEngine:
         self._inflight: _Inflight | None = None  # launched, not yet finished on the host
         self.counters = {"prompt_tokens": 0, "cached_tokens": 0, "generated_tokens": 0,
                          "spec_proposed": 0, "spec_accepted": 0, "spec_verifications": 0, "steps": 0,
-                         "spec_mode_steps": 0, "spec_wait_steps": 0, "spec_alternate_steps": 0, "burst_steps": 0,
+                         "spec_mode_steps": 0, "spec_wait_steps": 0, "burst_steps": 0,
                          "finished": 0}
         self.timings = {"steps": 0, "schedule_s": 0.0, "prepare_s": 0.0, "forward_sample_s": 0.0, "update_s": 0.0}
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
@@ -182,7 +182,6 @@ class LLMEngine:
         outputs, self._pending = self._pending, []
         t_start = time.perf_counter()
         overlap = self.async_output
-        sit_out = None  # requests that skip this step (`speculative_alternate`)
         num_running = len(self.scheduler.running)
         spec_mode = self.spec is not None and self.spec.should_speculate(num_running)
         if self.spec is not None:
@@ -203,17 +202,11 @@ class LLMEngine:
                     # Draft from the tokens on the host first: only if someone really has
                     # something to copy does the host wait for the step in flight, then draft
                     # again from whole histories (exact drafts, one lost overlap).
-                    alternate = self.config.speculative_alternate
-                    fl = self._inflight
-                    if fl is None:
+                    if self._inflight is None:
                         self.spec.draft_ahead(running)
-                    elif alternate and fl.speculated and (sit_out := self.spec.take_turns(running)) is not None:
-                        pass  # the half on the host drafts and runs while the other's step is in flight
                     elif self.spec.draft_ahead(running, will_wait=True):
                         outputs.extend(self._wait_inflight())  # (deciding gave out no drafts)
-                        sit_out = self.spec.split_turns(running) if alternate else None
-                        if sit_out is None:
-                            self.spec.draft_ahead(running)
+                        self.spec.draft_ahead(running)
             else:
                 plan = self.spec.plan(self.scheduler.running)
                 if plan:
@@ -221,9 +214,7 @@ class LLMEngine:
                     drafted = self.spec.propose(plan)
                     overlap = self.async_output and not drafted
         t0 = time.perf_counter()
-        batch = self.scheduler.schedule(sit_out)
-        if sit_out:
-            self.counters["spec_alternate_steps"] += 1
+        batch = self.scheduler.schedule()
         for req in batch.errors:
             self._forget(req)
             outputs.append(self._output(req, "error"))

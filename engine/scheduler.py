@@ -67,9 +67,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def schedule(self, sit_out: set[str] | None = None) -> ScheduledBatch:
-        """`sit_out`: ids of running requests not to schedule this step (their tokens are
-        still in flight; see `speculative_alternate`)."""
+    def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
@@ -83,9 +81,6 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if sit_out and req.request_id in sit_out:
-                i += 1
-                continue
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             # Never compute past the model's context (drafts included).
             n = min(n, self.max_model_len - req.num_computed_tokens)

@@ -186,8 +186,8 @@ class SpecDecoder:
         costs (an admission's eager launch is about 15 ms on SmolLM2) belong to neither mode;
         charged to the mode in force, they made that mode look slow. `batch`: the requests it
         sampled for (the controller prices the step by them); `running`: the requests running
-        when it was planned, the batch size the governor decided for (with alternating halves
-        only about half of them run in a step); `job`: the job it decided for."""
+        when it was planned, the batch size the governor decided for; `job`: the job it decided
+        for."""
         if tainted or not decode_only:
             return
         if self.governor is not None:
@@ -272,37 +272,6 @@ class SpecDecoder:
         if will_wait:
             return any(ks)
         return self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
-
-    def take_turns(self, running: list[Request]) -> set[str] | None:
-        """`speculative_alternate`, with a verification in flight: its requests sit this step
-        out (their ids are returned), so that next step they draft from whole histories. The
-        requests whose tokens are all on the host draft now, exactly, without a wait; those
-        with a plain token in flight decode plainly, unless their known history matches
-        something worth drafting for (then they sit out too). None where nobody would be left
-        to run: the caller waits as usual."""
-        sit_out = {r.request_id for r in running if r.num_unverified}
-        known = [r for r in running if not r.num_unverified and not r.num_pending]
-        plain = [r for r in running if not r.num_unverified and r.num_pending]
-        if plain and self.draft_ahead(plain, will_wait=True):
-            sit_out.update(r.request_id for r in plain)
-            plain = []
-        if not sit_out or not (known or plain):
-            return None
-        if known:
-            self.draft_ahead(known)
-        return sit_out
-
-    def split_turns(self, running: list[Request]) -> set[str] | None:
-        """`speculative_alternate`, after waiting for the step in flight (every token on the
-        host): draft for the first half of the batch only, and let the second half sit out,
-        so that the halves take turns from the next step on. None: the first half would not
-        draft (the caller drafts for everyone as usual)."""
-        if len(running) < 2:
-            return None
-        half = (len(running) + 1) // 2
-        if not self.draft_ahead(running[:half]):
-            return None
-        return {r.request_id for r in self._decoding(running[half:])[0]}  # (prefilling requests run on)
 
     def _probe(self, reqs: list[Request]) -> None:
         """Nobody is worth drafting for on current evidence. Every few steps, guess anyway (no

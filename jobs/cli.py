@@ -92,8 +92,6 @@ def _engine_config(a) -> dict:
         cfg["enable_prefix_caching"] = False
     if getattr(a, "speculative_draft_ahead", False):
         cfg["speculative_draft_ahead"] = True
-    if getattr(a, "speculative_alternate", False):
-        cfg["speculative_alternate"] = True
     c = getattr(a, "cascade_attention", None)
     if c is not None:
         cfg["cascade_attention"] = {"auto": "auto", "on": True, "off": False}[c]
@@ -242,9 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-model", default=None, help="a smaller model with the same tokenizer")
     p.add_argument("--speculative-draft-ahead", action="store_true",
                    help="n-gram/suffix: draft past the token in flight instead of waiting for it")
-    p.add_argument("--speculative-alternate", action="store_true",
-                   help="n-gram/suffix: requests with a verification in flight sit a step out instead of "
-                        "everyone waiting for it (two halves take turns)")
     p.add_argument("--shard-rows", type=int, default=256, help="commit a result shard every N rows")
     p.add_argument("--shard-seconds", type=float, default=10.0, help="... or every M seconds")
     p.add_argument("--split-rows", type=int, default=int(os.environ.get("PREFIXQ_SPLIT_ROWS", "50000")),

@@ -684,75 +684,15 @@ def test_a_step_with_prefill_rows_run_as_decode_rows_is_not_a_decode_sample():
     assert seen and max(seen) < 0.05
 
 
-@pytest.mark.parametrize("method", ["ngram", "suffix"])
-def test_alternating_halves_keep_greedy_and_seeded_output(method):
-    """`speculative_alternate`: with a verification in flight, the requests whose tokens are on
-    the host draft and run while the others sit the step out. Output is unchanged (greedy and
-    seeded sampling), the halves really take turns, and no KV block leaks."""
-    prompts = copy_heavy_prompts(10)
-    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    seeded = [SamplingParams(max_tokens=20, temperature=0.8, top_k=20, seed=300 + i, ignore_eos=True)
-              for i in range(len(prompts))]
-    for params in (greedy, seeded):
-        plain = run_engine(tiny_engine("llama", async_scheduling=True), prompts, params)
-        eng = tiny_engine("llama", async_scheduling=True, speculative_method=method, num_speculative_tokens=3,
-                          adaptive_speculation=False, speculative_alternate=True, prompt_lookup_min=1)
-        seen, schedule = [], eng.scheduler.schedule
-
-        def sched(sit_out=None):
-            batch = schedule(sit_out)
-            if sit_out:
-                seen.append(len(sit_out))
-                assert not any(r.request_id in sit_out for r in batch.requests)
-            return batch
-        eng.scheduler.schedule = sched
-        spec = run_engine(eng, prompts, params)
-        assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-        s = eng.stats()
-        assert s["spec_proposed"] > 0 and s["spec_alternate_steps"] >= 5
-        assert sum(1 for n in seen if n >= 2) >= 5  # several requests sat out those steps
-        if params is greedy:
-            assert s["spec_accepted"] > 0
-            assert s["spec_wait_steps"] < s["spec_alternate_steps"]  # turns replaced most waits
-        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-
-
-def test_alternating_halves_under_preemption():
-    """A pool too small for the batch: requests that sit a step out can be preempted (their
-    tokens in flight still land) and recomputed; output is unchanged and no block leaks."""
-    prompts = copy_heavy_prompts(10)
-    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    plain = run_engine(tiny_engine("llama"), prompts, sp)
-    eng = tiny_engine("llama", async_scheduling=True, speculative_method="ngram", num_speculative_tokens=3,
-                      adaptive_speculation=False, speculative_alternate=True, prompt_lookup_min=1,
-                      num_gpu_blocks_override=24)
-    spec = run_engine(eng, prompts, sp)
-    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
-    s = eng.stats()
-    assert s["preemptions"] > 0 and s["spec_alternate_steps"] > 0
-    assert eng.block_manager.num_free_blocks == 24
-
-
-def test_alternating_steps_teach_the_governor_for_the_batch_it_decided_for():
-    """With alternating halves a step runs about half the batch; its sample must count for the
-    batch size the governor decided for (the running requests), or that size's speculating
-    mode would never get samples and the governor could not turn it off."""
-    prompts = copy_heavy_prompts(10)
-    eng = tiny_engine("llama", async_scheduling=True, speculative_method="ngram", num_speculative_tokens=3,
-                      speculative_alternate=True, prompt_lookup_min=1)
-    ctl, gov = eng.spec.controller, eng.spec.governor
-    ctl.can_pay = lambda *a, **kw: True  # (the CPU's timings say nothing about the GPU's costs)
-    ctl._allocate = lambda acceptance, caps, discount=None: list(caps)
-    gov.speculate = lambda b: True  # speculating mode throughout
-    calls, observe = [], eng.spec.observe
-    eng.spec.observe = lambda *a, **kw: (calls.append((a[0], kw.get("running", 0))), observe(*a, **kw))
-    run_engine(eng, prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-    assert eng.stats()["spec_alternate_steps"] >= 3
-    assert any(running > sampled for sampled, running in calls)  # half the batch ran, all of it counted
-    # The governor files a sample under the running count it is given, not the step's rows.
-    gov.samples.clear()
+def test_the_governor_files_a_sample_under_the_batch_it_decided_for():
+    """A step's sample counts for the number of requests running when the governor decided (the
+    batch size it decided for), not for the rows or requests of the step itself."""
+    eng = tiny_engine("llama", async_scheduling=True, speculative_method="ngram", num_speculative_tokens=3)
+    gov = eng.spec.governor
     eng.spec.observe(5, True, 12, 0.01, rows=20, drafted=True, decode_only=True, running=10, job=gov.job)
     assert set(gov.samples) == {(gov.bucket(10), True)}
+    eng.spec.observe(5, False, 5, 0.01, decode_only=True, job=gov.job)  # (no running count: the step's)
+    assert (gov.bucket(5), False) in gov.samples
 
 
 def test_default_draft_length_depends_on_the_proposer():
