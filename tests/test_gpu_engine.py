@@ -221,3 +221,44 @@ def test_decode_bursts_on_graphs_keep_greedy_and_seeded_output():
         torch.cuda.empty_cache()
     assert results[1][1] == 0 and results[4][1] > 0
     assert results[4][0] == results[1][0]
+
+
+def test_verification_and_admission_rows_replay_graphs_and_keep_greedy_output():
+    """With max_num_seqs = 8 and k = 8 a verifying step has up to 72 rows: the graphs must cover
+    them (with graphs sized for 8 rows they ran eagerly, 14-18 ms a step on SmolLM2 against
+    about 4 ms), and an admission mid-run whose rows fit must replay a graph too. fp32 greedy
+    output equals speculation off."""
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+    g = torch.Generator().manual_seed(6)
+    segs = [torch.randint(10, 32000, (5,), generator=g).tolist() for _ in range(24)]
+    prompts = [s * 4 for s in segs]  # repeated spans: the n-gram proposer drafts
+    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, detokenize=False)
+    model = random_llama_dir()
+    results = {}
+    for method in (None, "ngram"):
+        kw = dict(speculative_method=method, num_speculative_tokens=8, adaptive_speculation=False) if method else {}
+        eng = LLMEngine(model, tokenizer=None, device="cuda", dtype="float32", gpu_memory_utilization=0.4,
+                        max_model_len=1024, max_num_seqs=8, **kw)
+        steps, forward = [], eng.runner.forward
+
+        def spy(inp, forward=forward, eng=eng, steps=steps):
+            rows = inp.meta.block_tables.shape[0]
+            steps.append((inp.draft_ids is not None, inp.has_prefill,
+                          inp.meta.is_decode and rows <= max(eng.runner.graphs)))
+            return forward(inp)
+        eng.runner.forward = spy
+        for i, p in enumerate(prompts):
+            eng.add_request(str(i), p, sp)
+        outs = {}
+        while eng.has_unfinished():
+            outs.update({o.request_id: o.token_ids for o in eng.step()})
+        results[method] = ([outs[str(i)] for i in range(len(prompts))], steps, eng.stats())
+        del eng
+        torch.cuda.empty_cache()
+    assert results["ngram"][0] == results[None][0]
+    steps = results["ngram"][1]
+    assert results["ngram"][2]["spec_proposed"] > 0
+    verifying = [replayed for drafts, prefill, replayed in steps if drafts and not prefill]
+    assert verifying and all(verifying)
+    assert any(replayed for _, prefill, replayed in steps[1:] if prefill)  # an admission mid-run
