@@ -271,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("bench", help="benchmarks: throughput, prefix, spec (each takes --help)", add_help=False)
-    p.add_argument("which", choices=["throughput", "prefix", "spec"])
+    p = sub.add_parser("bench", help="benchmarks: throughput, prefix, spec, proposer_ceiling (each takes --help)",
+                       add_help=False)
+    p.add_argument("which", choices=["throughput", "prefix", "spec", "proposer_ceiling"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

@@ -13,3 +13,24 @@ def test_every_prompt_of_a_workload_is_distinct():
     for name, msgs in wl.items():
         texts = [m[0]["content"] for m in msgs]
         assert len(set(texts)) == len(texts), name
+
+
+def test_the_proposer_ceiling_walks_outputs_as_verification_would():
+    """An output that copies its prompt is drafted k tokens at a time (k + 1 per step, the last
+    step shorter); one that copies nothing gets one token per step; the job index lets a later
+    request copy an earlier request's output."""
+    from bench.proposer_ceiling import ceiling
+    from engine.spec import NgramProposer, SuffixProposer
+    rng = random.Random(1)
+    doc = [rng.randrange(1000, 2000) for _ in range(40)]
+    copy = [(doc, doc[:3] + doc[3:35])]  # the output repeats the prompt from its start
+    c = ceiling(lambda: NgramProposer(2, 4), copy, k=4, job=None)
+    assert c["tokens"] == 35 and c["acceptance"] == 1.0
+    assert c["steps"] <= 3 + -(-32 // 5) + 1  # a few steps to find a match, then k + 1 per step
+    fresh = [(doc, [rng.randrange(5000, 9000) for _ in range(30)])]
+    assert ceiling(lambda: NgramProposer(2, 4), fresh, k=4, job=None)["tokens_per_step"] == 1.0
+    shared = [rng.randrange(3000, 4000) for _ in range(30)]
+    pair = [([1, 2, 3], shared), ([4, 5, 6], shared)]
+    with_job = ceiling(SuffixProposer, pair, k=4, job="j")
+    without = ceiling(SuffixProposer, pair, k=4, job=None)
+    assert with_job["steps"] < without["steps"] == 60
