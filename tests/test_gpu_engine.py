@@ -223,11 +223,12 @@ def test_decode_bursts_on_graphs_keep_greedy_and_seeded_output():
     assert results[4][0] == results[1][0]
 
 
-def test_verification_and_admission_rows_replay_graphs_and_keep_greedy_output():
+def test_verification_rows_replay_graphs_and_keep_greedy_output():
     """With max_num_seqs = 8 and k = 8 a verifying step has up to 72 rows: the graphs must cover
     them (with graphs sized for 8 rows they ran eagerly, 14-18 ms a step on SmolLM2 against
-    about 4 ms), and an admission mid-run whose rows fit must replay a graph too. fp32 greedy
-    output equals speculation off."""
+    about 4 ms). Admissions mid-run go through the graphs where their rows fit (few do here: a
+    full batch verifying leaves no room), so they are checked by the CPU test that forces it.
+    fp32 greedy output equals speculation off."""
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
     g = torch.Generator().manual_seed(6)
@@ -261,4 +262,3 @@ def test_verification_and_admission_rows_replay_graphs_and_keep_greedy_output():
     assert results["ngram"][2]["spec_proposed"] > 0
     verifying = [replayed for drafts, prefill, replayed in steps if drafts and not prefill]
     assert verifying and all(verifying)
-    assert any(replayed for _, prefill, replayed in steps[1:] if prefill)  # an admission mid-run
