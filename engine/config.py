@@ -56,6 +56,9 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0 (0: the method's default), "
+                             f"got {self.num_speculative_tokens}")
         if self.speculative_model and not self.speculative_method:
             self.speculative_method = "draft"
         if self.speculative_method and self.num_speculative_tokens <= 0:

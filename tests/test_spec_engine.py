@@ -704,3 +704,5 @@ def test_default_draft_length_depends_on_the_proposer():
     assert EngineConfig(model="m", speculative_model="d").num_speculative_tokens == 4
     assert EngineConfig(model="m", speculative_method="ngram", num_speculative_tokens=3).num_speculative_tokens == 3
     assert EngineConfig(model="m").num_speculative_tokens == 0
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(model="m", speculative_method="ngram", num_speculative_tokens=-2)
