@@ -259,16 +259,21 @@ class SpecDecoder:
             # history, the proposal made after the wait (the suffix proposer's costliest call).
             return True
         found = self._lookahead([reqs[i] for i in planned], [ks[i] for i in planned])
+        if will_wait and all(f[3] for f in found):
+            # Every planned request matched: deciding again over exactly the planned drafts
+            # would give the same allocation (it was the best over more), so drafting it is.
+            return True
         caps = [0] * len(reqs)
         for i, f in zip(planned, found):
             if will_wait:
                 caps[i] = ks[i] if f[3] else 0
             else:
                 caps[i] = len(f[0])
-                disc[i] = self.controller.acceptance(ids[i]) ** len(f[1])
+                disc[i] = acc[i] ** len(f[1])
         if not any(caps):
             return False
-        ks = self.controller.choose_k(ids, caps, forget_idle=False, discount=disc)
+        # (`acc` still holds the planned requests' estimates: only idle ones faded since)
+        ks = self.controller.choose_k(ids, caps, forget_idle=False, discount=disc, acceptance=acc)
         if will_wait:
             return any(ks)
         return self._assign([reqs[i] for i in planned], [(f[0][:ks[i]], f[1], f[2]) for i, f in zip(planned, found)])
