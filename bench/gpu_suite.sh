@@ -15,7 +15,8 @@
 #   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
 #   ab: the spec bench on several source trees in one call (SPEC_TREES)
 #   m: decode bursts (BURST_STEPS): SmolLM2-shape prefix b, c with cascade on, Qwen3-shape throughput
-# Phases that need SmolLM2 (b, c, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
+#   g: every engine GPU check (SmolLM2's included), then the full spec bench (three runs per mode, draft pair)
+# Phases that need SmolLM2 (b, c, g, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -193,6 +194,15 @@ m)  # decode bursts: SmolLM2-shape prefix (b, c) and throughput with and without
       --num-prompts 256 --seed 0 --baselines none --num-scheduler-steps $n --name throughput-qwen3-0.6b-steps$n-h100 \
       2>&1 | tail -3
   done
+  ;;
+g)  # SmolLM2: every engine GPU check, then the full spec bench with the draft-model pair
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "engine GPU checks"
+  timeout ${CHECK_TIMEOUT:-200} python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_spec_rejection.py \
+    > "$OUT/check.log" 2>&1; tail -8 "$OUT/check.log"
+  log "spec"; timeout ${SPEC_TIMEOUT:-350} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+    > "$OUT/spec.log" 2>&1
+  grep -v "Warning\|warn" "$OUT/spec.log" | tail -${SPEC_LINES:-56}
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
