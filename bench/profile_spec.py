@@ -108,7 +108,7 @@ def main(argv=None) -> None:
                           add_special_tokens=False) for m in wl[args.workload]]
     kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, max_num_seqs=256, max_model_len=2048,
               num_gpu_blocks_override=8192)
-    spec = dict(speculative_method=args.method, num_speculative_tokens=4)
+    spec = dict(speculative_method=args.method)  # (the engine's default k)
     variants = [("off", {}), (args.method, spec)]
     if args.compare_ahead:
         variants.append((f"{args.method}-ahead", dict(spec, speculative_draft_ahead=True)))
