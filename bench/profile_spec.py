@@ -98,14 +98,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from bench.spec import make_engine, run_mode, workloads
+    from bench.spec import chat_tokens, make_engine, run_mode, workloads
     from engine.model_source import resolve_model
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     batches = [int(b) for b in args.batch.split(",")]
     wl = workloads(max(batches), random.Random(0))
-    prompts = [tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False) for m in wl[args.workload]]
+    prompts = [chat_tokens(tok, m) for m in wl[args.workload]]
     kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, max_num_seqs=256, max_model_len=2048,
               num_gpu_blocks_override=8192)
     spec = dict(speculative_method=args.method)  # (the engine's default k)

@@ -67,20 +67,18 @@ def main(argv=None) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from bench.spec import make_engine, run_mode, workloads
+    from bench.spec import chat_tokens, make_engine, run_mode, workloads
     from engine.model_source import resolve_model
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     path = resolve_model(args.model)
     tok = AutoTokenizer.from_pretrained(path)
     wl = workloads(max(256, args.requests), random.Random(args.seed))
-    encode = lambda m: tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
-                                  add_special_tokens=False)
     eng = make_engine(dict(model=path, tokenizer=tok, device=args.device, dtype="float32", seed=args.seed,
                            max_num_seqs=args.requests, max_model_len=2048, kv_cache_memory=1 << 30))
     figures, baseline, rows = {}, {}, []
     for name in args.workloads.split(","):
-        prompts = [encode(m) for m in wl[name][:args.requests]]
+        prompts = [chat_tokens(tok, m) for m in wl[name][:args.requests]]
         _, outs = run_mode(eng, prompts, args.max_tokens)
         requests = list(zip(prompts, outs))
         baseline[f"{name}_tokens_per_step"] = 1.0  # speculation off: one token per step

@@ -61,6 +61,12 @@ def workloads(n: int, rng: random.Random) -> dict[str, list[list[dict]]]:
     }
 
 
+def chat_tokens(tok, messages: list[dict]) -> list[int]:
+    """A workload's chat messages as the model's prompt token ids (its chat template)."""
+    return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)
+
+
 _run_id = 0
 
 
@@ -163,8 +169,6 @@ def main(argv=None) -> dict:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     n_requests = {b: max(b, args.min_requests, b * args.min_rounds if b <= 32 else b) for b in batch_sizes}
     wl = workloads(max(args.docs, *n_requests.values()), rng)
-    encode = lambda m: tok.encode(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False),  # noqa: E731
-                                  add_special_tokens=False)
     base_kw = dict(model=path, tokenizer=tok, device=args.device, dtype=args.dtype, seed=args.seed,
                    max_num_seqs=max(batch_sizes), max_model_len=2048, num_gpu_blocks_override=args.kv_blocks,
                    kv_cache_memory=1 << 30)
@@ -186,7 +190,7 @@ def main(argv=None) -> dict:
         trace_file = open(args.trace, "w")
     for name in args.workloads.split(","):
         for b in batch_sizes:
-            prompts = [encode(m) for m in wl[name][:n_requests[b]]]
+            prompts = [chat_tokens(tok, m) for m in wl[name][:n_requests[b]]]
             # Modes alternate, `--repeats` times; each keeps its fastest run (runs of about a
             # second vary by several percent from one to the next).
             best: dict[str, dict] = {}
@@ -229,7 +233,7 @@ def main(argv=None) -> dict:
         # is meaningless here; the row shows what drafting and verifying cost).
         from engine.models.shapes import dummy_model_dir
         tgt, dft = dummy_model_dir(args.draft_pair), dummy_model_dir(args.draft_pair)
-        prompts = [encode(m) for m in wl["extract"][:8]]
+        prompts = [chat_tokens(tok, m) for m in wl["extract"][:8]]
         kw = dict(base_kw, model=tgt, load_format="dummy", max_num_seqs=8)
 
         def timed(engine_kw: dict) -> dict:

@@ -375,8 +375,8 @@ class LLMEngine:
             # and counting it as plain would make plain decoding look slow.
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
-                              decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted, running=fl.num_running,
-                              job=fl.spec_job)
+                              decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted,
+                              running=fl.num_running, job=fl.spec_job)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:

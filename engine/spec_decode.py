@@ -172,9 +172,8 @@ class SpecDecoder:
         engine (`decided_job`)."""
         if self.governor is None:
             return True
-        live = self._live
-        if live:  # (with none, nothing runs)
-            self.decided_job = max(live, key=live.__getitem__) if len(live) > 1 else next(iter(live))
+        if self._live:  # (with none, nothing runs)
+            self.decided_job = max(self._live, key=self._live.__getitem__)
             self.governor.use_job(self.decided_job)
         return self.governor.speculate(num_running)
 
