@@ -24,6 +24,9 @@ OUT=${OUT:-bench/results}; mkdir -p "$OUT"
 export PREFIXQ_COMMIT=${PREFIXQ_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 phase=${1:-a}
 log() { echo "=== $* ($(date +%T))"; }
+# the card's short name for results files (h100, h200), so runs on different cards never share a file
+CARD=${CARD:-$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o 'H[0-9]00' | tr A-Z a-z)}
+CARD=${CARD:-gpu}
 
 smollm2_ready() {
   export PREFIXQ_CACHE=/tmp/prefixq-cache
@@ -178,7 +181,7 @@ ab)  # SmolLM2: the spec bench on several source trees in one call, on one card 
     log "spec, tree $tree ($tag)"
     (cd "$tree" && PREFIXQ_COMMIT=$tag timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 \
       --workloads ${SPEC_WORKLOADS:-extract,rewrite,chat} --batch-sizes ${SPEC_BATCHES:-1,32,256} \
-      --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-h100-ab-$tag ${SPEC_ARGS:-}) > "$OUT/spec-$tag.log" 2>&1
+      --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-$CARD-ab-$tag ${SPEC_ARGS:-}) > "$OUT/spec-$tag.log" 2>&1
     grep -v "Warning\|warn" "$OUT/spec-$tag.log" | tail -${SPEC_LINES:-24}
   done
   ;;
@@ -200,7 +203,7 @@ g)  # SmolLM2: every engine GPU check, then the full spec bench with the draft-m
   log "engine GPU checks"
   timeout ${CHECK_TIMEOUT:-200} python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_spec_rejection.py \
     > "$OUT/check.log" 2>&1; tail -8 "$OUT/check.log"
-  log "spec"; timeout ${SPEC_TIMEOUT:-350} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+  log "spec"; timeout ${SPEC_TIMEOUT:-350} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     > "$OUT/spec.log" 2>&1
   grep -v "Warning\|warn" "$OUT/spec.log" | tail -${SPEC_LINES:-56}
   ;;
