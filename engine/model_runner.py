@@ -28,8 +28,11 @@ MAX_ROWS_AS_DECODE = 16
 # Steps with prefill chunks run that way too (through the captured decode graphs) when their
 # rows fit the largest graph and read at most this many KV positions in all: an admission in
 # the middle of a run is then one graph replay, not an eager step (about 15 ms of kernel
-# launches on SmolLM2 against 2.5 ms for a captured decode step at batch 32).
+# launches on SmolLM2 against 2.5 ms for a captured decode step at batch 32). Models with
+# narrow KV rows may read more positions, up to MAX_DECODE_ROW_READ_BYTES of KV in all
+# (rows of one sequence read the same blocks, mostly from L2): 260k positions on SmolLM2.
 MAX_DECODE_ROW_READS = 65536
+MAX_DECODE_ROW_READ_BYTES = 6 << 30
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
 # below it attention is a small part of the step and the plan's host time would not pay.
 CASCADE_MIN_ROWS = 32
@@ -115,6 +118,8 @@ class ModelRunner:
             self._capture_decode_graphs()
         # Most rows a step with prefill chunks may have to run as decode rows (0: never).
         self.max_prefill_rows_as_decode = max(self.graphs, default=0)
+        kv_per_position = self.kv_bytes_per_block // self.block_size
+        self.max_decode_row_reads = max(MAX_DECODE_ROW_READS, MAX_DECODE_ROW_READ_BYTES // kv_per_position)
         if self.device.type == "cuda":
             from kernels import step_inputs
             step_inputs.warm_up(self.device, config.num_speculative_tokens if config.speculative_method else 0)
@@ -235,7 +240,7 @@ class ModelRunner:
         ctx = starts + lens
         B_rows, q_max = B, int(lens.max())
         as_decode = 1 < q_max <= MAX_ROWS_AS_DECODE or (
-            q_max > 1 and T <= self.max_prefill_rows_as_decode and int(pos.sum()) + T <= MAX_DECODE_ROW_READS)
+            q_max > 1 and T <= self.max_prefill_rows_as_decode and int(pos.sum()) + T <= self.max_decode_row_reads)
         if as_decode:
             # Few new tokens per sequence (speculative verification): give every token a row of
             # its own, with its sequence's block table and a context ending at its own position.

@@ -5,6 +5,7 @@ speculative tokens all follow from that rule. Running requests go first.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -45,6 +46,13 @@ class Scheduler:
         self.min_admission_slots = 1
         self.max_admission_wait = 8
         self._admission_wait = 0
+        # On the GPU a step with prefill chunks replays a decode graph (one row per token) when
+        # its rows fit the largest graph and read at most `graph_reads` KV positions (see
+        # ModelRunner.prepare); the engine sets both. While requests decode, prefill chunks
+        # are cut to fit, so an admission is a few graph replays instead of an eager step that
+        # stalls every decoding request (0: no cut).
+        self.graph_rows = 0
+        self.graph_reads = 0
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -76,6 +84,7 @@ class Scheduler:
         # them waits one step and hits instead of computing them again.
         computing: set[bytes] = set()
         prefilling = not self.running  # an idle engine admits at once
+        room = self._graph_room() if self.graph_rows else None
 
         # 1. Running requests, oldest first; the newest is preempted when blocks run out.
         i = 0
@@ -84,6 +93,8 @@ class Scheduler:
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             # Never compute past the model's context (drafts included).
             n = min(n, self.max_model_len - req.num_computed_tokens)
+            if room is not None and req.num_computed_tokens < req.num_prompt_tokens:
+                n = room.cut(req.num_computed_tokens, n)
             if n <= 0:
                 i += 1
                 continue
@@ -136,6 +147,10 @@ class Scheduler:
                 if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
                     break
                 n = budget
+            if room is not None and chunked:
+                n = room.cut(num_hit, n)
+                if n == 0:
+                    break  # the step's graph is full: admitted next step
             req.num_computed_tokens = num_hit
             if not self.bm.allocate_slots(req, n, hits):
                 req.num_computed_tokens = 0
@@ -153,6 +168,24 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(deferred))
         return out
+
+    def _graph_room(self) -> "_GraphRoom | None":
+        """What prefill chunks may add to this step and still run through a decode graph: None
+        when no request decodes (a step of prefills alone runs eagerly anyway, and the extend
+        kernel is the faster one there) or nothing is left to prefill."""
+        rows = reads = 0
+        pending = bool(self.waiting)
+        for r in self.running:
+            s = r.num_computed_tokens
+            if s < r.num_prompt_tokens:
+                pending = True
+                continue
+            n = r.num_tokens_with_spec - s
+            rows += n
+            reads += n * s + n * (n + 1) // 2
+        if not rows or not pending or rows >= self.graph_rows:
+            return None
+        return _GraphRoom(self.graph_rows - rows, self.graph_reads - reads)
 
     def _admission_due(self) -> bool:
         free = self.config.max_num_seqs - len(self.running)
@@ -193,3 +226,36 @@ class Scheduler:
                         self.finish(req, "abort")
                     return req
         return None
+
+
+@dataclass
+class _GraphRoom:
+    """Rows and KV reads left in a decode-graph step for prefill chunks. A chunk of n tokens
+    from position s reads n*s + n*(n+1)/2 positions as decode rows."""
+    rows: int
+    reads: int
+    # Cut a chunk only if what is left of it still makes real progress: at least this many
+    # tokens, and at least a quarter of what it asked for. A sliver left for the step's first
+    # chunk makes the step eager, uncut (one eager step beats many tiny chunks, each delaying
+    # the prompt's first token); for a later chunk it means 0 tokens: wait for the next step.
+    min_tokens: int = 64
+    eager: bool = False
+    used: bool = False
+
+    def cut(self, start: int, n: int) -> int:
+        if self.eager:
+            return n
+        # the largest m with m*start + m*(m+1)/2 <= reads
+        b = start + 0.5
+        m = min(self.rows, int(math.sqrt(b * b + 2 * max(self.reads, 0)) - b)) if self.reads > 0 else 0
+        if m < n:
+            if m < min(n, max(self.min_tokens, n // 4)):
+                if self.used:
+                    return 0
+                self.eager = True
+                return n
+            n = m
+        self.used = True
+        self.rows -= n
+        self.reads -= n * start + n * (n + 1) // 2
+        return n

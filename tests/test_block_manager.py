@@ -196,6 +196,62 @@ def test_gpu_admission_gathers_until_enough_slots_are_free():
     assert waited == [0, 0, 0, 1]
 
 
+def _decoding_scheduler(graph_rows: int, graph_reads: int, n_running: int = 2) -> tuple[Scheduler, list]:
+    cfg = EngineConfig(model="x", max_num_batched_tokens=2048, max_num_seqs=8)
+    s = Scheduler(cfg, BlockManager(256, 16), max_model_len=4096)
+    running = [req(f"r{i}", list(range(i, i + 20))) for i in range(n_running)]
+    for r in running:
+        s.add(r)
+    s.schedule()
+    for r in running:  # decoding from position 20
+        r.num_computed_tokens = r.num_tokens
+        r.output_token_ids.append(1)
+    s.graph_rows, s.graph_reads = graph_rows, graph_reads
+    return s, running
+
+
+def _reads(start: int, n: int) -> int:
+    return n * start + n * (n + 1) // 2
+
+
+def test_prefill_chunks_are_cut_to_fit_a_decode_graph_while_requests_decode():
+    """With requests decoding, an admitted prompt's chunks are cut so the whole step fits the
+    largest decode graph (rows) and the KV reads the runner allows; the prompt goes on in the
+    next steps. With no request decoding nothing is cut."""
+    s, running = _decoding_scheduler(graph_rows=200, graph_reads=60_000)
+    s.add(req("w", list(range(1000, 1600))))  # 600 prompt tokens
+    done, rows = 0, []
+    while done < 600:
+        batch = s.schedule()
+        w = batch.requests.index(next(r for r in batch.requests if r.request_id == "w"))
+        n = batch.num_tokens[w]
+        assert batch.total_tokens <= 200
+        decode_reads = sum(_reads(r.num_computed_tokens, 1) for r in running)
+        assert _reads(done, n) + decode_reads <= 60_000
+        rows.append(n)
+        batch.requests[w].num_computed_tokens += n
+        done += n
+    assert len(rows) > 2 and rows[0] == 198  # rows first, then reads bind
+    # an idle engine prefills uncut
+    cfg = EngineConfig(model="x", max_num_batched_tokens=2048, max_num_seqs=8)
+    idle = Scheduler(cfg, BlockManager(256, 16), max_model_len=4096)
+    idle.graph_rows, idle.graph_reads = 200, 60_000
+    idle.add(req("w", list(range(600))))
+    assert idle.schedule().num_tokens == [600]
+
+
+def test_a_chunk_too_small_to_progress_is_not_cut():
+    """Where the room left would allow only a sliver of the prompt, the step runs eagerly with
+    the chunk uncut (one eager step beats many tiny graph steps)."""
+    s, _ = _decoding_scheduler(graph_rows=40, graph_reads=1_000_000)  # 38 rows free < 64
+    s.add(req("w", list(range(1000, 1300))))
+    batch = s.schedule()
+    assert batch.num_tokens[-1] == 300
+    s2, _ = _decoding_scheduler(graph_rows=40, graph_reads=1_000_000)
+    s2.add(req("w", list(range(1000, 1030))))  # fits whole
+    assert s2.schedule().num_tokens[-1] == 30
+
+
 def test_token_slice_spans_prompt_output_and_drafts():
     from engine.request import Request
     from engine.sampling_params import SamplingParams

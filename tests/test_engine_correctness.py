@@ -189,6 +189,30 @@ def test_prefill_chunks_run_as_decode_rows_match_transformers(family):
     assert eng.block_manager.stats.hit_tokens > 0
 
 
+def test_admissions_cut_to_fit_a_decode_graph_match_transformers():
+    """Mid-run admissions of long prompts are cut into chunks that fit the (forced) decode
+    graph and KV-read limits, so every step with a prefill chunk after the first runs as decode
+    rows; greedy output is unchanged."""
+    prompts = mixed_prompts(16, 256, 60, 160, seed=31)
+    expected = hf_greedy(tiny_model_dir("llama-gqa3-tied"), prompts, GREEDY.max_tokens)
+    eng = tiny_engine("llama-gqa3-tied", max_num_seqs=4, async_scheduling=True, max_num_batched_tokens=256)
+    eng.runner.max_prefill_rows_as_decode = eng.scheduler.graph_rows = 100
+    eng.runner.max_decode_row_reads = eng.scheduler.graph_reads = 12000
+    kinds = []
+    real = eng.runner.prepare
+
+    def prepare(*a, **kw):
+        inp = real(*a, **kw)
+        if inp.has_prefill:
+            kinds.append((inp.meta.is_decode, sum(a[0].num_tokens)))
+        return inp
+    eng.runner.prepare = prepare
+    outs = run_engine(eng, prompts, GREEDY)
+    assert [o.token_ids for o in outs] == expected
+    as_rows = [n for d, n in kinds[1:] if d]
+    assert len(as_rows) >= 15 and max(as_rows) <= 100 and all(d for d, _ in kinds[1:])
+
+
 def test_async_output_matches_transformers_with_preemption_and_stops():
     """The overlapped step (host finishes step n while step n+1 is launched) on the CPU."""
     prompts = mixed_prompts(24, 256, 20, 100, seed=13)
