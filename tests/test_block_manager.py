@@ -238,6 +238,11 @@ def test_prefill_chunks_are_cut_to_fit_a_decode_graph_while_requests_decode():
     idle.graph_rows, idle.graph_reads = 200, 60_000
     idle.add(req("w", list(range(600))))
     assert idle.schedule().num_tokens == [600]
+    # nor a bulk prefill: more prompts waiting than a few graph steps can take
+    bulk, _ = _decoding_scheduler(graph_rows=200, graph_reads=60_000)
+    for i in range(6):
+        bulk.add(req(f"w{i}", list(range(1000 + i, 1300 + i))))
+    assert bulk.schedule().num_tokens[2:] == [300] * 6
 
 
 def test_a_chunk_too_small_to_progress_is_not_cut():
