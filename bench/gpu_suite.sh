@@ -174,14 +174,14 @@ e)  # engine GPU checks, SmolLM2-shape decode profile (cascade on/off), its pref
   ;;
 ab)  # SmolLM2: the spec bench on several source trees in one call, on one card (A/B, bisecting)
   # env: SPEC_TREES ("prev_<rev> ." : folders unpacked with `git archive <rev> | tar -x -C prev_<rev>`),
-  # SPEC_WORKLOADS, SPEC_BATCHES, SPEC_METHODS, SPEC_ARGS (e.g. "--trace $OUT/trace.jsonl")
+  # SPEC_WORKLOADS, SPEC_BATCHES, SPEC_METHODS, SPEC_ARGS (e.g. "--repeats 1"), SPEC_TRACE=1 (a trace per tree)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   for tree in ${SPEC_TREES:-.}; do
     tag=$( [ "$tree" = . ] && echo "$PREFIXQ_COMMIT" || echo "${tree#prev_}" )
     log "spec, tree $tree ($tag)"
     (cd "$tree" && PREFIXQ_COMMIT=$tag timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 \
       --workloads ${SPEC_WORKLOADS:-extract,rewrite,chat} --batch-sizes ${SPEC_BATCHES:-1,32,256} \
-      --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-$CARD-ab-$tag ${SPEC_ARGS:-}) > "$OUT/spec-$tag.log" 2>&1
+      --methods ${SPEC_METHODS:-ngram,suffix} --draft-pair= --name spec-smollm2-$CARD-ab-$tag ${SPEC_ARGS:-} ${SPEC_TRACE:+--trace $OUT/trace-$tag.jsonl}) > "$OUT/spec-$tag.log" 2>&1
     grep -v "Warning\|warn" "$OUT/spec-$tag.log" | tail -${SPEC_LINES:-24}
   done
   ;;

@@ -5,6 +5,7 @@ waiting for the step in flight and indexing finished requests. `bench.spec --tra
 writes one JSON line per step, labelled with its run, to find where a slow run lost time."""
 from __future__ import annotations
 
+import gc
 import time
 from collections import defaultdict
 
@@ -14,15 +15,26 @@ class StepTrace:
         self.eng = eng
         self.steps: list[dict] = []
         self._host: dict[str, float] = defaultdict(float)
+        # Garbage collections land in whichever step allocates past the threshold: their time
+        # (per generation) goes with that step's host timers.
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._on_gc)
         spec = eng.spec
         if spec is None:
             self._wrap(eng, "_record_step", self._on_record)
             return
         self._wrap(spec, "draft_ahead", timer="draft_ahead")
+        self._wrap(spec, "should_speculate", timer="governor")
         self._wrap(spec.proposer, "propose", timer="propose")
         self._wrap(spec, "on_finished", timer="on_finished")
         self._wrap(eng, "_wait_inflight", timer="wait")
         self._wrap(spec, "observe", self._on_observe)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        elif self.eng.has_unfinished():  # (every engine's trace hears every collection)
+            self._host[f"gc{info['generation']}"] += time.perf_counter() - self._gc_t0
 
     def _wrap(self, obj, name: str, after=None, timer: str | None = None) -> None:
         fn = getattr(obj, name)
@@ -45,7 +57,7 @@ class StepTrace:
     def _on_record(self, period, inp, *_a, **_kw) -> None:
         m = inp.meta
         self.steps.append({"ms": round(period * 1e3, 3), "rows": int(m.block_tables.shape[0]),
-                           "decode": bool(m.is_decode)})
+                           "decode": bool(m.is_decode), **self._host_ms()})
 
     def _on_observe(self, _out, batch, spec_mode, tokens, seconds, rows=0, drafted=False, overlapped=False,
                     decode_only=True, tainted=False, running=0, job=None) -> None:
