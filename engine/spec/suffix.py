@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 SEP = -1  # separates sequences in a job index; never matched, ends continuations
 
-DEFAULT_LENGTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+# Doubling lengths: each appended token costs one insert per length. (1, 2, 3, 4, 6, 8, 12, 16,
+# 24, 32) built indexes about 30% slower for 1-5% more tokens per step (proposer ceiling, CPU).
+DEFAULT_LENGTHS = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass
