@@ -85,7 +85,9 @@ class Scheduler:
         # them waits one step and hits instead of computing them again.
         computing: set[bytes] = set()
         prefilling = not self.running  # an idle engine admits at once
-        room = self._graph_room() if self.graph_rows else None
+        # Made at the step's first prefill chunk (most steps have none: no scan of `running`).
+        room: _GraphRoom | None = None
+        room_made = not self.graph_rows
 
         # 1. Running requests, oldest first; the newest is preempted when blocks run out.
         i = 0
@@ -94,6 +96,8 @@ class Scheduler:
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             # Never compute past the model's context (drafts included).
             n = min(n, self.max_model_len - req.num_computed_tokens)
+            if not room_made and req.num_computed_tokens < req.num_prompt_tokens:
+                room, room_made = self._graph_room(), True
             if room is not None and req.num_computed_tokens < req.num_prompt_tokens:
                 n = room.cut(req.num_computed_tokens, n)
             if n <= 0:
@@ -148,6 +152,8 @@ class Scheduler:
                 if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
                     break
                 n = budget
+            if not room_made:
+                room, room_made = self._graph_room(), True
             if room is not None and chunked:
                 n = room.cut(num_hit, n)
                 if n == 0:
