@@ -15,7 +15,7 @@
 #   y: decode-step profile at batch 256 with a shared prefix (PROFILE_SHAPE, PROFILE_CASCADE, KERNEL_SHAPE)
 #   ab: the spec bench on several source trees in one call (SPEC_TREES)
 #   m: decode bursts (BURST_STEPS): SmolLM2-shape prefix b, c with cascade on, Qwen3-shape throughput
-#   g: every engine GPU check (SmolLM2's included), then the full spec bench (three runs per mode, draft pair)
+#   g: engine GPU checks, then the full spec bench (three runs per mode, draft pair); BF16_CHECK=1 adds the bf16 checks
 # Phases that need SmolLM2 (b, c, g, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
@@ -198,14 +198,20 @@ m)  # decode bursts: SmolLM2-shape prefix (b, c) and throughput with and without
       2>&1 | tail -3
   done
   ;;
-g)  # SmolLM2: every engine GPU check, then the full spec bench with the draft-model pair
+g)  # SmolLM2: the engine GPU checks, then the full spec bench with the draft-model pair; the bf16
+  # comparisons with transformers (about 200 s) last, with BF16_CHECK=1
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "engine GPU checks"
-  timeout ${CHECK_TIMEOUT:-200} python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_spec_rejection.py \
-    > "$OUT/check.log" 2>&1; tail -8 "$OUT/check.log"
+  timeout ${CHECK_TIMEOUT:-150} python -m pytest -q -m gpu tests/test_gpu_engine.py tests/test_spec_rejection.py \
+    -k "not matches_transformers" > "$OUT/check.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/check.log" | tail -8
   log "spec"; timeout ${SPEC_TIMEOUT:-350} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     > "$OUT/spec.log" 2>&1
   grep -v "Warning\|warn" "$OUT/spec.log" | tail -${SPEC_LINES:-56}
+  if [ -n "${BF16_CHECK:-}" ]; then
+    log "bf16 checks against transformers"
+    timeout ${BF16_TIMEOUT:-300} python -m pytest -q -m gpu tests/test_gpu_engine.py -k matches_transformers \
+      > "$OUT/bf16.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bf16.log" | tail -4
+  fi
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
