@@ -706,3 +706,31 @@ def test_default_draft_length_depends_on_the_proposer():
     assert EngineConfig(model="m").num_speculative_tokens == 0
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(model="m", speculative_method="ngram", num_speculative_tokens=-2)
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix"])
+def test_admissions_cut_to_fit_a_graph_keep_speculation_exact(method):
+    """Admissions while others verify drafts are cut to fit the (forced) graph rows and reads,
+    with those drafts' rows counted: greedy output equals speculation off, and steps that both
+    verify drafts and prefill a cut chunk do occur."""
+    segs = mixed_prompts(16, 256, 10, 16, seed=41)
+    prompts = [s * 6 + s[:4] for s in segs]  # 64-100 tokens, copyable
+    # uneven lengths: requests finish one by one, so admissions come while others verify
+    sp = [SamplingParams(max_tokens=8 + 7 * (i % 4), temperature=0, ignore_eos=True) for i in range(16)]
+    plain = run_engine(tiny_engine("llama"), prompts, sp)
+    eng = tiny_engine("llama", max_num_seqs=3, async_scheduling=True, max_num_batched_tokens=256,
+                      speculative_method=method, num_speculative_tokens=4, adaptive_speculation=False)
+    eng.runner.max_prefill_rows_as_decode = eng.scheduler.graph_rows = 80
+    eng.runner.max_decode_row_reads = eng.scheduler.graph_reads = 6000
+    mixed, prepare = [], eng.runner.prepare
+
+    def spy(batch, *a, **kw):
+        inp = prepare(batch, *a, **kw)
+        if inp.has_prefill and inp.draft_ids is not None:
+            mixed.append((inp.meta.is_decode, batch.total_tokens))
+        return inp
+    eng.runner.prepare = spy
+    spec = run_engine(eng, prompts, sp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.stats()["spec_accepted"] > 0
+    assert len(mixed) >= 3 and all(dec and n <= 80 for dec, n in mixed)
