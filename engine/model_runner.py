@@ -30,7 +30,7 @@ MAX_ROWS_AS_DECODE = 16
 # the middle of a run is then one graph replay, not an eager step (about 15 ms of kernel
 # launches on SmolLM2 against 2.5 ms for a captured decode step at batch 32). Models with
 # narrow KV rows may read more positions, up to MAX_DECODE_ROW_READ_BYTES of KV in all
-# (rows of one sequence read the same blocks, mostly from L2): 260k positions on SmolLM2.
+# (rows of one sequence read the same blocks, mostly from L2): about 280k positions on SmolLM2.
 MAX_DECODE_ROW_READS = 65536
 MAX_DECODE_ROW_READ_BYTES = 6 << 30
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
