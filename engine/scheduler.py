@@ -96,10 +96,11 @@ class Scheduler:
             n = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
             # Never compute past the model's context (drafts included).
             n = min(n, self.max_model_len - req.num_computed_tokens)
-            if not room_made and req.num_computed_tokens < req.num_prompt_tokens:
-                room, room_made = self._graph_room(), True
-            if room is not None and req.num_computed_tokens < req.num_prompt_tokens:
-                n = room.cut(req.num_computed_tokens, n)
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                if not room_made:
+                    room, room_made = self._graph_room(), True
+                if room is not None:
+                    n = room.cut(req.num_computed_tokens, n)
             if n <= 0:
                 i += 1
                 continue
@@ -152,12 +153,13 @@ class Scheduler:
                 if not chunked and req.num_prompt_tokens <= self.config.max_num_batched_tokens:
                     break
                 n = budget
-            if not room_made:
-                room, room_made = self._graph_room(), True
-            if room is not None and chunked:
-                n = room.cut(num_hit, n)
-                if n == 0:
-                    break  # the step's graph is full: admitted next step
+            if chunked:
+                if not room_made:
+                    room, room_made = self._graph_room(), True
+                if room is not None:
+                    n = room.cut(num_hit, n)
+                    if n == 0:
+                        break  # the step's graph is full: admitted next step
             req.num_computed_tokens = num_hit
             if not self.bm.allocate_slots(req, n, hits):
                 req.num_computed_tokens = 0
@@ -260,7 +262,7 @@ class _GraphRoom:
             return n
         # the largest m with m*start + m*(m+1)/2 <= reads
         b = start + 0.5
-        m = min(self.rows, int(math.sqrt(b * b + 2 * max(self.reads, 0)) - b)) if self.reads > 0 else 0
+        m = min(self.rows, int(math.sqrt(b * b + 2 * self.reads) - b)) if self.reads > 0 else 0
         if m < n:
             if m < min(n, max(self.min_tokens, n // 4)):
                 if self.used:
