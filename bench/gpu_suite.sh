@@ -47,36 +47,36 @@ a)
   log "engine GPU check (random Llama)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py 2>&1 | tail -8
   log "throughput qwen3-0.6b"
   python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
-    --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-qwen3-0.6b-h100
+    --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-qwen3-0.6b-$CARD
   ;;
 b)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -8
   log "throughput smollm2"
   python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
-    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
+    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-$CARD
   log "throughput llama-3.1-8b"
   python -m bench.throughput --dummy-weights llama-3.1-8b --input-len 256 --output-len 256 --num-prompts 1000 \
-    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-h100
+    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-$CARD
   ;;
 q)  # Qwen3-0.6B shape with baselines and caching's cost when nothing is shared; prefix bench
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
   log "throughput qwen3-0.6b"
   python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
     --num-prompts 256 --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --caching-overhead 2 \
-    --name throughput-qwen3-0.6b-h100
+    --name throughput-qwen3-0.6b-$CARD
   log "prefix qwen3-0.6b"
-  python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100
+  python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-$CARD
   ;;
 s)  # SmolLM2: bf16 check vs transformers, spec profile, prefix bench on the SmolLM2 shape
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   log "engine GPU check (SmolLM2)"; python -m pytest -q -s -m gpu tests/test_gpu_engine.py -k smollm2 2>&1 | tail -6
   log "spec profile b1"; python -m bench.profile_spec --batch 1 2>&1 | tail -80
-  log "prefix smollm2"; python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100
+  log "prefix smollm2"; python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-$CARD
   ;;
 c)  # SmolLM2: speculative decoding, then the bf16 check (logs go to $OUT as they run)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  log "spec"; timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+  log "spec"; timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     --workloads ${SPEC_WORKLOADS:-extract,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
   tail -45 "$OUT/spec.log"
   log "engine GPU check (SmolLM2)"
@@ -85,7 +85,7 @@ c)  # SmolLM2: speculative decoding, then the bf16 check (logs go to $OUT as the
   ;;
 v)  # SmolLM2: speculative decoding only
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  log "spec"; timeout ${SPEC_TIMEOUT:-400} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+  log "spec"; timeout ${SPEC_TIMEOUT:-400} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     --workloads ${SPEC_WORKLOADS:-extract,json,chat} --methods ${SPEC_METHODS:-ngram,suffix} \
     --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
   grep -v "Warning\|warn" "$OUT/spec.log" | tail -64
@@ -93,7 +93,7 @@ v)  # SmolLM2: speculative decoding only
 t)  # SmolLM2 throughput
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
   python -m bench.throughput --model smollm2 --input-len 100:1024 --output-len 100:1024 --num-prompts 256 \
-    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-h100
+    --seed 0 --hf-num-prompts 64 --hf-batch-size 64 --name throughput-smollm2-$CARD
   ;;
 x)  # cascade: GPU check, kernel timings, prefix bench on the Qwen3-0.6B shape (parks the GGUF half)
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
@@ -102,7 +102,7 @@ x)  # cascade: GPU check, kernel timings, prefix bench on the Qwen3-0.6B shape (
   tail -c 1500 "$OUT/cascade-check.log"
   log "kernels"; timeout 180 python bench/kernels.py > "$OUT/kernels.log" 2>&1; tail -22 "$OUT/kernels.log"
   log "prefix qwen3-0.6b"
-  timeout ${PREFIX_TIMEOUT:-360} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100 \
+  timeout ${PREFIX_TIMEOUT:-360} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-$CARD \
     > "$OUT/prefix-qwen3.log" 2>&1
   tail -30 "$OUT/prefix-qwen3.log"
   ;;
@@ -110,7 +110,7 @@ y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
   # env: PROFILE_SHAPE (qwen3-0.6b), PROFILE_CASCADE (auto,off), KERNEL_SHAPE (also time the kernels in that shape)
   if [ -n "${KERNEL_SHAPE:-}" ]; then
-    log "kernels $KERNEL_SHAPE"; timeout 180 python bench/kernels.py --shape $KERNEL_SHAPE --name kernels-$KERNEL_SHAPE-h100 \
+    log "kernels $KERNEL_SHAPE"; timeout 180 python bench/kernels.py --shape $KERNEL_SHAPE --name kernels-$KERNEL_SHAPE-$CARD \
       > "$OUT/kernels.log" 2>&1; tail -22 "$OUT/kernels.log"
   fi
   log "decode profile"
@@ -120,11 +120,11 @@ y)  # decode-step profile at batch 256 with a shared prefix (parks the GGUF half
   ;;
 z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  log "spec"; timeout ${SPEC_TIMEOUT:-200} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+  log "spec"; timeout ${SPEC_TIMEOUT:-200} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     --workloads extract,json,chat --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
   grep -A40 "greedy, k=" "$OUT/spec.log"
   log "prefix smollm2-135m"
-  timeout ${PREFIX_TIMEOUT:-160} python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100 \
+  timeout ${PREFIX_TIMEOUT:-160} python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-$CARD \
     > "$OUT/prefix-smollm2.log" 2>&1
   grep -B2 -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log" | tail -24
   log "spec profile, extract b32 suffix"
@@ -134,17 +134,17 @@ z)  # final: spec bench (SmolLM2), then the prefix bench on the SmolLM2 shape
 w)  # prefix bench on the Qwen3-0.6B shape, then workload b with a tight pool (parks the GGUF half)
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
   log "prefix qwen3-0.6b"
-  timeout ${PREFIX_TIMEOUT:-300} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100 \
+  timeout ${PREFIX_TIMEOUT:-300} python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-$CARD \
     > "$OUT/prefix-qwen3.log" 2>&1
   grep -A30 "prefix caching and grouping" "$OUT/prefix-qwen3.log"
   log "prefix qwen3-0.6b, workload b, pool 2% of prompt tokens"
   timeout ${TIGHT_TIMEOUT:-200} python -m bench.prefix --dummy-weights qwen3-0.6b --workloads b --cache-fraction 0.02 \
-    --modes arrival,grouped --name prefix-qwen3-0.6b-b-pool2pct-h100 > "$OUT/prefix-qwen3-tight.log" 2>&1
+    --modes arrival,grouped --name prefix-qwen3-0.6b-b-pool2pct-$CARD > "$OUT/prefix-qwen3-tight.log" 2>&1
   grep -A12 "prefix caching and grouping" "$OUT/prefix-qwen3-tight.log"
   ;;
 o)  # SmolLM2: spec bench (every workload), then the GPU check of cascade + speculation (graphs)
   smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
-  log "spec"; timeout ${SPEC_TIMEOUT:-420} python -m bench.spec --model smollm2 --name spec-smollm2-h100 \
+  log "spec"; timeout ${SPEC_TIMEOUT:-420} python -m bench.spec --model smollm2 --name spec-smollm2-$CARD \
     --workloads ${SPEC_WORKLOADS:-extract,rewrite,json,chat} --draft-pair "${SPEC_DRAFT_PAIR:-}" > "$OUT/spec.log" 2>&1
   grep -v "Warning\|warn" "$OUT/spec.log" | tail -60
   log "cascade + spec GPU check"
@@ -168,7 +168,7 @@ e)  # engine GPU checks, SmolLM2-shape decode profile (cascade on/off), its pref
     > "$OUT/profile-decode.log" 2>&1; grep "^===\|^period\|^host ms" "$OUT/profile-decode.log"
   log "prefix smollm2-135m, cascade ${PREFIX_CASCADE:-on}"
   timeout ${PREFIX_TIMEOUT:-300} python -m bench.prefix --dummy-weights smollm2-135m --cascade ${PREFIX_CASCADE:-on} \
-    --workloads ${PREFIX_WORKLOADS:-a,b,c} ${PREFIX_ARGS:-} --name ${PREFIX_NAME:-prefix-smollm2-h100-cascade-on} \
+    --workloads ${PREFIX_WORKLOADS:-a,b,c} ${PREFIX_ARGS:-} --name ${PREFIX_NAME:-prefix-smollm2-$CARD-cascade-on} \
     > "$OUT/prefix-smollm2.log" 2>&1
   grep -A30 "prefix caching and grouping" "$OUT/prefix-smollm2.log"
   ;;
@@ -190,11 +190,11 @@ m)  # decode bursts: SmolLM2-shape prefix (b, c) and throughput with and without
   for n in ${BURST_STEPS:-1 4}; do
     log "prefix smollm2-135m b,c, cascade on, $n steps"
     timeout ${PREFIX_TIMEOUT:-200} python -m bench.prefix --dummy-weights smollm2-135m --workloads ${PREFIX_WORKLOADS:-b,c} \
-      --cascade on --num-scheduler-steps $n --name prefix-smollm2-135m-bc-cascade-steps$n-h100 > "$OUT/prefix-$n.log" 2>&1
+      --cascade on --num-scheduler-steps $n --name prefix-smollm2-135m-bc-cascade-steps$n-$CARD > "$OUT/prefix-$n.log" 2>&1
     grep "prefill computed" "$OUT/prefix-$n.log"
     log "throughput qwen3-0.6b shape, $n steps"
     timeout 200 python -m bench.throughput --dummy-weights qwen3-0.6b --input-len 100:1024 --output-len 100:1024 \
-      --num-prompts 256 --seed 0 --baselines none --num-scheduler-steps $n --name throughput-qwen3-0.6b-steps$n-h100 \
+      --num-prompts 256 --seed 0 --baselines none --num-scheduler-steps $n --name throughput-qwen3-0.6b-steps$n-$CARD \
       2>&1 | tail -3
   done
   ;;
@@ -220,12 +220,12 @@ l)  # Llama-3.1-8B shape throughput (parks the GGUF's first half in /tmp for pha
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
   log "throughput llama-3.1-8b"
   python -m bench.throughput --dummy-weights llama-3.1-8b --input-len 256 --output-len 256 --num-prompts 1000 \
-    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-h100
+    --seed 0 --hf-num-prompts 128 --hf-batch-size 64 --name throughput-llama-3.1-8b-$CARD
   ;;
 p)  # prefix caching and grouping (parks the GGUF's first half in /tmp for phase c)
   [ -f .carry/p1/gguf.part00 ] && cp .carry/p1/gguf.part00 /tmp/
-  python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-h100
-  python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-h100
+  python -m bench.prefix --dummy-weights qwen3-0.6b --name prefix-qwen3-0.6b-$CARD
+  python -m bench.prefix --dummy-weights smollm2-135m --name prefix-smollm2-$CARD
   ;;
 *) python -m "bench.$phase" "${@:2}" ;;
 esac
