@@ -40,20 +40,54 @@ def test_finished_sequences_index_like_the_token_loop_and_only_when_read():
     job = _JobIndex(max_tokens=600, max_depth=32, max_occ=4)
     for s in seqs:
         job.add(s)
-    assert len(job._index) == 0  # nothing indexed until read
-    kept = list(job.seqs)
-    assert sum(len(s) + 1 for s in kept) <= 600 and kept == seqs[len(seqs) - len(kept):]
-    ref = SuffixIndex(32, 4)
-    for s in kept:
-        ref.append(s + [SEP], index_last=True)
+    assert len(job.newer) == 0 and job.older is None  # nothing indexed until read
+    # the queue keeps only what the cap could hold: the newest outputs
+    queued = list(job._queued)
+    assert job.size <= 600 and queued == seqs[len(seqs) - len(queued):]
     job.max_per_read = 4
-    while job._queued or job._rebuild:
+    while job._queued:
         n = len(job._queued)
-        idx = job.index
-        assert len(job._queued) == max(0, n - 4) or n == 0
-    assert idx.tokens == ref.tokens
-    for n in idx.lengths:
-        assert norm(idx.tables[n]) == norm(ref.tables[n]), n
+        indexes = job.indexes
+        assert len(job._queued) == max(0, n - 4)
+    # two generations of at most half the cap each, newest first, oldest outputs dropped whole
+    newer, older = indexes
+    assert len(newer) <= 300 and len(older) <= 300
+    held = older.tokens + newer.tokens
+    kept = seqs[len(seqs) - held.count(SEP):]
+    assert held == [t for s in kept for t in s + [SEP]]
+    for idx, part in ((older, kept[:older.tokens.count(SEP)]), (newer, kept[older.tokens.count(SEP):])):
+        ref = SuffixIndex(32, 4)
+        for s in part:
+            ref.append(s + [SEP], index_last=True)
+        assert idx.tokens == ref.tokens
+        for n in idx.lengths:
+            assert norm(idx.tables[n]) == norm(ref.tables[n]), n
+
+
+def test_a_long_job_indexes_each_output_once():
+    """Past the cap, the oldest generation is dropped whole: each output is indexed once, however
+    long the job (rebuilding from the kept outputs indexed each about four times), and the
+    index never starts over empty."""
+    from engine.spec.suffix import SuffixIndex, SuffixProposer
+    p = SuffixProposer(max_job_tokens=2000)
+    indexed = []
+    real = SuffixIndex.append_sequence
+
+    def counting(self, seq):
+        indexed.append(len(seq))
+        return real(self, seq)
+    SuffixIndex.append_sequence = counting
+    try:
+        template = [900, 901, 902]
+        for i in range(400):
+            p.on_finished(f"r{i}", template + [1000 + i % 7, 903, 904] + [5000 + i] * 3, job_id="job")
+            held = p._jobs["job"].indexes
+            assert sum(len(x) for x in held) <= 2000
+            # the structure of the job's outputs is always there to draft from
+            assert p.propose(["n"], [[7, 900, 901]], [1], job_ids=["job"]) == [[902]]
+    finally:
+        SuffixIndex.append_sequence = real
+    assert len(indexed) == 400 and sum(indexed) == 400 * 9
 
 
 def test_a_job_index_leaves_nothing_for_the_garbage_collector_to_scan():
@@ -75,3 +109,28 @@ def test_a_job_index_leaves_nothing_for_the_garbage_collector_to_scan():
     assert len(repeated) > 500 and max(len(v) for v in repeated) <= 16
     gc.collect()
     assert not any(gc.is_tracked(v) for v in repeated)
+
+
+def test_generations_match_as_one_index():
+    """Matching a job's two generations together drafts what one index over all their outputs
+    would: the same longest suffix, occurrences, counts and ties."""
+    import random
+
+    from engine.spec.suffix import SuffixIndex, match_generations
+    rng = random.Random(11)
+    for trial in range(200):
+        words = [rng.randrange(30) for _ in range(rng.randrange(2, 12))]
+        seqs = [[rng.choice(words) for _ in range(rng.randrange(1, 40))] for _ in range(rng.randrange(2, 12))]
+        cut = rng.randrange(1, len(seqs))
+        occ = rng.choice([2, 4, 32])
+        whole, older, newer = SuffixIndex(16, occ), SuffixIndex(16, occ), SuffixIndex(16, occ)
+        for i, s in enumerate(seqs):
+            whole.append_sequence(s)
+            (older if i < cut else newer).append_sequence(s)
+        for _ in range(10):
+            src = rng.choice(seqs)
+            end = rng.randrange(1, len(src) + 1)
+            ctx = [rng.choice(words)] * rng.randrange(2) + src[max(0, end - rng.randrange(1, 20)):end]
+            k, min_prob = rng.randrange(0, 8), rng.choice([0.0, 0.1, 0.5])
+            got = match_generations((newer, older), ctx, k, min_prob, 1.0)
+            assert got == whole.match(ctx, k, min_prob, 1.0), (trial, ctx)

@@ -145,19 +145,11 @@ class SuffixIndex:
         t.append(SEP)
         self.indexed_to = b + len(t)
 
-    def match(
-        self,
-        context: list[int],
-        k: int,
-        min_prob: float,
-        spec_factor: float,
-        self_overlap: bool = False,
-    ) -> Draft:
-        if k <= 0:
-            return Draft()
-        # The longest matched length, by binary search over the ladder: a context suffix found
-        # at length n is found at every shorter length too (the same end position indexes all
-        # of them, and keys are never removed), so matches are monotone in n.
+    def longest(self, context: list[int]) -> tuple[int, int | tuple[int, ...] | None]:
+        """The longest indexed suffix of `context`: its length and occurrence ends (an int for
+        one), by binary search over the ladder: a context suffix found at length n is found at
+        every shorter length too (the same end position indexes all of them, and keys are never
+        removed), so matches are monotone in n."""
         occ: int | tuple[int, ...] | None = None
         n_match = 0
         lengths, tables, C = self.lengths, self.tables, len(context)
@@ -170,6 +162,19 @@ class SuffixIndex:
                 hi = mid
             else:
                 occ, n_match, lo = found, n, mid + 1
+        return n_match, occ
+
+    def match(
+        self,
+        context: list[int],
+        k: int,
+        min_prob: float,
+        spec_factor: float,
+        self_overlap: bool = False,
+    ) -> Draft:
+        if k <= 0:
+            return Draft()
+        n_match, occ = self.longest(context)
         if occ is None:
             return Draft()
         if type(occ) is int:
@@ -218,49 +223,98 @@ class SuffixIndex:
         return Draft(draft, probs, n_match)
 
 
+def match_generations(indexes: tuple[SuffixIndex, ...], context: list[int], k: int, min_prob: float,
+                      spec_factor: float) -> Draft:
+    """`SuffixIndex.match` over several indexes of finished sequences (newest first) as if they
+    were one: the longest suffix found in any, the newest `max_occ` of its occurrences across
+    them, the most frequent continuation over those (ties to the oldest). Each store ends with
+    a SEP, so an occurrence's continuation never runs past its own store."""
+    if len(indexes) == 1:
+        return indexes[0].match(context, k, min_prob, spec_factor)
+    if k <= 0:
+        return Draft()
+    found = [(idx, *idx.longest(context)) for idx in reversed(indexes)]  # oldest first
+    n_match = max(n for _, n, _ in found)
+    if n_match == 0:
+        return Draft()
+    alive: list[tuple[list[int], int]] = []
+    for idx, n, occ in found:
+        if n == n_match:
+            alive.extend((idx.tokens, e) for e in ((occ,) if type(occ) is int else occ)[-idx.max_occ:])
+    alive = alive[-indexes[0].max_occ:]
+    k = min(k, max(1, int(spec_factor * n_match)))
+    draft: list[int] = []
+    probs: list[float] = []
+    cum = 1.0
+    for i in range(1, k + 1):
+        live, toks = [], []
+        for t, e in alive:
+            if e + i < len(t) and (x := t[e + i]) != SEP:
+                live.append((t, e))
+                toks.append(x)
+        if not toks:
+            break
+        tok = max(dict.fromkeys(toks), key=toks.count)
+        c = toks.count(tok)
+        p = c / len(alive)
+        cum *= p
+        if cum < min_prob:
+            break
+        draft.append(tok)
+        probs.append(p)
+        alive = [a for a, x in zip(live, toks) if x == tok]
+    return Draft(draft, probs, n_match)
+
+
 class _JobIndex:
-    """Outputs of one job, capped at `max_tokens`; oldest outputs are evicted by rebuilding
-    from the kept ones (amortised O(#lengths) per token since we evict down to 3/4 cap).
+    """Outputs of one job, at most `max_tokens` of them, in two generations: outputs go into
+    the newer index; once it holds half the cap it becomes the older one and the one before
+    is dropped whole, so eviction costs nothing. (Before, eviction rebuilt one index from the
+    outputs kept: it re-indexed three quarters of the cap every quarter of it, four times the
+    indexing per output once a long job filled the cap, and the index restarted empty each
+    time.) A proposal matches the generations as one index (`match_generations`).
 
     Finished outputs are queued and indexed only when a proposal reads the index, a few per
     read: at batch sizes where nobody drafts (a large batch finishing hundreds of requests per
-    second), indexing them would cost host time on every step for nothing."""
-
-    def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
-        self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
-        self.seqs: deque[list[int]] = deque()
-        self.size = 0
-        self._index = SuffixIndex(max_depth, max_occ)
-        self._queued: list[list[int]] = []
-        self._rebuild = False
-
-    def add(self, output: list[int]) -> None:
-        output = list(output[-self.max_tokens:])
-        if not output:
-            return
-        self.seqs.append(output)
-        self.size += len(output) + 1
-        if self.size > self.max_tokens:
-            while self.seqs and self.size > (3 * self.max_tokens) // 4:
-                self.size -= len(self.seqs.popleft()) + 1
-            self._rebuild, self._queued = True, []
-        elif not self._rebuild:
-            self._queued.append(output)
+    second), indexing them would cost host time on every step for nothing. The queue keeps
+    no more than the cap's worth of the newest outputs."""
 
     # Outputs indexed per read at most: a large batch's tail (hundreds of outputs finished
     # since the last read) is indexed over several steps instead of stalling one.
     max_per_read = 16
 
+    def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
+        self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
+        self.half = max(2, max_tokens // 2)
+        self.newer = SuffixIndex(max_depth, max_occ)
+        self.older: SuffixIndex | None = None
+        self._queued: deque[list[int]] = deque()
+        self._queued_tokens = 0
+
     @property
-    def index(self) -> "SuffixIndex":
-        if self._rebuild:  # after an eviction: start over, the kept outputs queued again
-            self._index = SuffixIndex(self.max_depth, self.max_occ)
-            self._queued, self._rebuild = list(self.seqs), False
-        if self._queued:
-            for seq in self._queued[:self.max_per_read]:
-                self._index.append_sequence(seq)
-            del self._queued[:self.max_per_read]
-        return self._index
+    def size(self) -> int:
+        """Tokens held: both generations and the queue."""
+        return len(self.newer) + (len(self.older) if self.older is not None else 0) + self._queued_tokens
+
+    def add(self, output: list[int]) -> None:
+        output = list(output[-(self.half - 1):])  # (with its SEP, one output fits a generation)
+        if not output:
+            return
+        self._queued.append(output)
+        self._queued_tokens += len(output) + 1
+        while self._queued_tokens > self.max_tokens:  # older than anything the cap keeps
+            self._queued_tokens -= len(self._queued.popleft()) + 1
+
+    @property
+    def indexes(self) -> tuple[SuffixIndex, ...]:
+        """The generations, newest first, after indexing up to `max_per_read` queued outputs."""
+        for _ in range(min(len(self._queued), self.max_per_read)):
+            seq = self._queued.popleft()
+            self._queued_tokens -= len(seq) + 1
+            if len(self.newer) + len(seq) + 1 > self.half:
+                self.older, self.newer = self.newer, SuffixIndex(self.max_depth, self.max_occ)
+            self.newer.append_sequence(seq)
+        return (self.newer,) if self.older is None else (self.newer, self.older)
 
 
 class SuffixProposer:
@@ -317,7 +371,7 @@ class SuffixProposer:
             certain = len(best.tokens) == ki and best.score >= ki
             if job is not None and not certain:
                 self._jobs.move_to_end(jid)
-                d = job.index.match(ctx, ki, self.min_prob, self.spec_factor)
+                d = match_generations(job.indexes, ctx, ki, self.min_prob, self.spec_factor)
                 if (d.score, d.match_len) > (best.score, best.match_len):
                     best = d
             out.append(best)
