@@ -19,6 +19,9 @@ class StepTrace:
         # (per generation) goes with that step's host timers.
         self._gc_t0 = 0.0
         gc.callbacks.append(self._on_gc)
+        # Forwards that ran eagerly (no captured graph): their rows, per step
+        self._eager: list[int] = []
+        self._wrap(eng.runner, "forward", self._on_forward)
         spec = eng.spec
         if spec is None:
             self._wrap(eng, "_record_step", self._on_record)
@@ -49,9 +52,18 @@ class StepTrace:
             return out
         setattr(obj, name, wrapper)
 
+    def _on_forward(self, _out, inp) -> None:
+        r = self.eng.runner
+        B = int(inp.meta.block_tables.shape[0])
+        if not (inp.meta.is_decode and r.graphs and B <= max(r.graphs)):
+            self._eager.append(B)
+
     def _host_ms(self) -> dict:
         out = {f"{k}_ms": round(v * 1e3, 3) for k, v in self._host.items() if v}
         self._host.clear()
+        if self._eager:  # rows of the forwards that ran eagerly since the last step
+            out["eager_rows"] = sum(self._eager)
+            self._eager.clear()
         return out
 
     def _on_record(self, period, inp, *_a, **_kw) -> None:
@@ -70,4 +82,5 @@ class StepTrace:
     def take(self) -> list[dict]:
         out, self.steps = self.steps, []
         self._host.clear()
+        self._eager.clear()
         return out
