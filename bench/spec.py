@@ -182,9 +182,6 @@ def main(argv=None) -> dict:
         if variant not in ("", "ahead") or base not in ("ngram", "suffix"):
             raise SystemExit(f"unknown method {m!r}: use ngram, suffix, or either with -ahead")
         engines[m] = make_engine(dict(base_kw, speculative_method=base, num_speculative_tokens=args.k, **extra))
-    # what the controller prices verification rows by (measured at engine start; one engine's)
-    step_cost_ms = {str(n): round(sec * 1e3, 3) for n, sec in
-                    getattr(engines[methods[0]].runner, "graph_costs", {}).items()}
     figures, baseline, rows, mismatches = {}, {}, [], []
     traces, trace_file = {}, None
     if args.trace:
@@ -267,8 +264,7 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "timing": "modes alternate; each figure is the mode's fastest run",
         "batch_sizes": batch_sizes, "methods": methods,
         "drafting": "wait for the step in flight before drafting; '-ahead' methods draft past it",
-        "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches,
-        "step_cost_ms": step_cost_ms}})
+        "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
                 ["tok_s", "speedup", "acceptance", "elapsed_s", "steps", "spec_mode_steps", "wait_steps"])
     print(f"wrote {out}")

@@ -114,13 +114,8 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.cascade_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_bufs: dict[str, torch.Tensor] = {}
-        # Seconds of a decode step per captured row count, measured after capture when
-        # speculation is on: what verifying drafts costs on this card, model and dtype.
-        self.graph_costs: dict[int, float] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
-            if config.speculative_method:
-                self.graph_costs = self.measure_graph_costs()
         # Most rows a step with prefill chunks may have to run as decode rows (0: never).
         self.max_prefill_rows_as_decode = max(self.graphs, default=0)
         kv_per_position = self.kv_bytes_per_block // self.block_size
@@ -389,31 +384,6 @@ class ModelRunner:
         if self.cascade_min_rows is not None:
             self._capture_cascade_graphs([s for s in sizes if s >= self.cascade_min_rows], pool)
         torch.cuda.synchronize()
-
-    @torch.inference_mode()
-    def measure_graph_costs(self, context: int = 256, reps: int = 3) -> dict[int, float]:
-        """Seconds of one decode step of each captured row count: the graph's replay and the LM
-        head over every row (verification scores them all), every row reading `context`
-        positions, the fastest of `reps` replays. Costs grow with rows where the GEMMs stop
-        being flat (fp32 on the CUDA cores: early; bf16 on the tensor cores: late), which a
-        fixed cost model cannot know. About a second for 40 sizes; writes nothing (slots -1)."""
-        g = self.graph_bufs
-        g["slot_mapping"].fill_(-1)
-        g["context_lens"].fill_(min(context, self.max_model_len))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        costs = {}
-        for B in sorted(self.graphs):
-            best = float("inf")
-            for _ in range(reps + 1):  # (the first replay is a warm-up)
-                start.record()
-                self.graphs[B].replay()
-                self.model.compute_logits(g[f"hidden_{B}"][:B])
-                end.record()
-                end.synchronize()
-                best = min(best, start.elapsed_time(end) / 1e3)
-            costs[B] = best
-        g["context_lens"].fill_(1)
-        return costs
 
     def _capture_cascade_graphs(self, sizes: list[int], pool) -> None:
         """Decode graphs whose attention reads shared prefixes once per group. The plan's

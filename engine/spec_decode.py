@@ -24,7 +24,7 @@ import torch
 
 from engine.request import Request
 from engine.sampler import SamplingTensors, exponential_noise, processed_probs
-from engine.spec import NgramProposer, SpecController, StepCostTable, SuffixProposer, rejection_sample
+from engine.spec import NgramProposer, SpecController, SuffixProposer, rejection_sample
 from engine.spec.adaptive import batch_bucket
 from engine.spec.rejection import SpecNoise
 from kernels import ops
@@ -144,10 +144,6 @@ class SpecDecoder:
         # whether to wait), and able to draft ahead of the tokens in flight.
         self.drafts_ahead = engine.config.speculative_method in ("ngram", "suffix")
         self.controller = SpecController(max_k=self.k)
-        costs = getattr(engine.runner, "graph_costs", None)
-        if costs and len(costs) > 1:
-            # What a step of n rows costs on this card, measured (not the fixed model's guess)
-            self.controller.step_cost = StepCostTable(sorted(costs.items()))
         self.governor = SpecGovernor() if self.adaptive else None
         if not engine.async_output:
             self.controller.sync_factor = 0.0  # steps never overlap here, so drafting loses nothing

@@ -281,23 +281,3 @@ def test_verification_rows_replay_graphs_and_keep_greedy_output():
     verifying = [(rows, dec) for drafted, prefill, rows, dec in steps if drafted and not prefill]
     assert len(verifying) >= 10 and all(dec and rows <= top for rows, dec in verifying)
     assert max(rows for rows, _ in verifying) > 8  # more rows than requests: graphs sized for rows
-
-
-def test_speculating_engine_prices_rows_by_measured_step_costs():
-    """With speculation on, the runner times a step of every captured row count after capture,
-    and the controller prices verification rows by those times: a cost per row count that
-    never falls, and the table the controller uses agrees with it."""
-    from engine.llm_engine import LLMEngine
-    from engine.spec.adaptive import StepCostTable
-    eng = LLMEngine(random_llama_dir(), tokenizer=None, device="cuda", dtype="float32", max_model_len=1024,
-                    max_num_seqs=8, gpu_memory_utilization=0.3, speculative_method="ngram", num_speculative_tokens=8)
-    costs = eng.runner.graph_costs
-    assert sorted(costs) == sorted(eng.runner.graphs) and all(0 < s < 0.1 for s in costs.values())
-    table = eng.spec.controller.step_cost
-    assert isinstance(table, StepCostTable)
-    top = max(costs)
-    assert table(top) == pytest.approx(max(costs.values())) and table(1) <= table(top)
-    assert all(table(n) <= table(n + 1) for n in range(1, top + 8))
-    plain = LLMEngine(random_llama_dir(), tokenizer=None, device="cuda", dtype="float32", max_model_len=1024,
-                      max_num_seqs=8, gpu_memory_utilization=0.3)
-    assert plain.runner.graph_costs == {}  # only speculation pays the second it takes

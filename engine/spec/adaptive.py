@@ -42,28 +42,24 @@ class StepCostModel:
 @dataclass
 class StepCostTable:
     """Measured (num_tokens, seconds) points from the engine, linearly interpolated and
-    extrapolated linearly past the last point. More tokens never cost less: a point below an
-    earlier one (timing noise) is raised to it. Looked up in O(1) (a dense table up to the
-    last point): the controller prices up to max_k x batch draft counts per decision."""
+    extrapolated linearly past the last point."""
     points: list[tuple[int, float]]
 
     def __post_init__(self) -> None:
         self.points = sorted(self.points)
         if not self.points:
             raise ValueError("StepCostTable needs at least one point")
-        xs, ys = [p[0] for p in self.points], [p[1] for p in self.points]
-        for i in range(1, len(ys)):
-            ys[i] = max(ys[i], ys[i - 1])
-        self._dense = [ys[0]] * (xs[0] + 1)
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-            self._dense += [y0 + (y1 - y0) * (n - x0) / (x1 - x0) for n in range(x0 + 1, x1 + 1)]
-        self._slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]) if len(xs) > 1 else 0.0
 
     def __call__(self, n: int) -> float:
-        d = self._dense
-        if n < len(d):
-            return d[max(n, 0)]
-        return d[-1] + self._slope * (n - len(d) + 1)
+        xs = [p[0] for p in self.points]
+        ys = [p[1] for p in self.points]
+        if len(xs) == 1 or n <= xs[0]:
+            return ys[0]
+        i = bisect.bisect_left(xs, n)
+        if i >= len(xs):
+            i = len(xs) - 1
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (n - x0) / max(1, x1 - x0)
 
 
 @dataclass
