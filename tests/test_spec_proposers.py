@@ -125,10 +125,10 @@ def test_suffix_incremental_equals_from_scratch(toks, cuts, k):
 def _match_definition(idx, context, k, min_prob, spec_factor, self_overlap):
     """SuffixIndex.match written plainly: the longest indexed suffix of the context, then per
     position the most frequent next token over the live occurrences."""
-    from engine.spec.suffix import SEP, Draft
+    from engine.spec.suffix import SEP, Draft, gram_key
     occ, n_match = None, 0
     for n in reversed(idx.lengths):
-        if n <= len(context) and (occ := idx.tables[n].get(tuple(context[len(context) - n:]))) is not None:
+        if n <= len(context) and (occ := idx.tables[n].get(gram_key(context[len(context) - n:]))) is not None:
             n_match = n
             break
     if occ is None or k <= 0:
@@ -136,7 +136,7 @@ def _match_definition(idx, context, k, min_prob, spec_factor, self_overlap):
     occ = [occ] if isinstance(occ, int) else occ
 
     def at(pos, draft):
-        i = pos - idx.base
+        i = pos
         if i < len(idx.tokens):
             return None if idx.tokens[i] == SEP else idx.tokens[i]
         d = i - len(idx.tokens)

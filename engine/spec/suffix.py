@@ -8,15 +8,20 @@ Two structures answer "which tokens followed the recent context before, how ofte
 Both are a `SuffixIndex`: for each match length n in a fixed ladder up to `max_depth`, a map
 n-gram -> recent end positions. That is the suffix tree's node for the matched suffix (its
 occurrence list) without materialising O(len * depth) trie nodes, so appending a token costs
-O(#lengths) and memory stays O(len * #lengths). From the longest matched suffix we follow the
-most frequent continuation over the matching occurrences (the tree's heaviest child), and stop
-when the estimated probability that the whole draft is right falls below `min_prob`.
+O(#lengths) and memory stays O(len * #lengths). N-grams are keyed by a rolling hash, not by
+tuples of tokens: a key is one multiply-subtract of two prefix hashes, and a long append (a
+prompt, a finished output) computes its keys with numpy. From the longest matched suffix we
+follow the most frequent continuation over the matching occurrences (the tree's heaviest
+child), and stop when the estimated probability that the whole draft is right falls below
+`min_prob`.
 """
 from __future__ import annotations
 
 import bisect
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+
+import numpy as np
 
 SEP = -1  # separates sequences in a job index; never matched, ends continuations
 
@@ -43,80 +48,123 @@ class Draft:
         return s
 
 
-class SuffixIndex:
-    """Append-only token store with an n-gram -> occurrence-end-positions index.
+# N-gram keys: a polynomial hash of the tokens mod 2^30, computed from per-position prefix
+# hashes, so an n-gram's key costs one multiply-subtract instead of building and hashing a
+# tuple of n tokens, and a long append computes every key at C speed (numpy, mod 2^64, then
+# masked: the same value). 30 bits keep keys single-digit Python ints (cheaper arithmetic
+# than 64). A key shared by two n-grams (a 65k-entry table gives a lookup about one chance
+# in 16,000) only merges their occurrences: a draft may be wrong, and verification rejects it.
+_MASK = (1 << 30) - 1
+_P = 0x9E3779B97F4A7C15 & _MASK  # odd: invertible mod 2^64, hence mod 2^30
+_PINV = pow(0x9E3779B97F4A7C15, -1, 1 << 64)
+_POW = [pow(_P, n, 1 << 30) for n in range(max(DEFAULT_LENGTHS) + 1)]
+_NUMPY_FROM = 48  # tokens appended at once from which numpy beats the Python loop
 
-    Positions are absolute; `base` moves forward on eviction (`reset_to`)."""
+
+def gram_key(gram: list[int] | tuple[int, ...]) -> int:
+    """The index key of an n-gram (what `SuffixIndex.tables[n]` is keyed by)."""
+    h = 0
+    for x in gram:
+        h = (h * _P + x + 2) & _MASK
+    return h
+
+
+def _prefix_hashes(new: list[int], f0: int) -> list[int]:
+    """Prefix hashes continuing from f0 over new tokens: F[j] = F[j-1] * P + token + 2."""
+    if len(new) < _NUMPY_FROM:
+        out = []
+        for x in new:
+            f0 = (f0 * _P + x + 2) & _MASK
+            out.append(f0)
+        return out
+    # F[j] = P^(j+1) * (f0 + sum_{k<=j} a_k * P^-(k+1)): cumulative sums and products wrap
+    # mod 2^64 in uint64; masked to 30 bits that is the Python loop's value.
+    a = np.asarray(new, dtype=np.int64).astype(np.uint64) + np.uint64(2)
+    pw = np.cumprod(np.full(len(a), 0x9E3779B97F4A7C15, dtype=np.uint64))
+    pinv = np.cumprod(np.full(len(a), _PINV, dtype=np.uint64))
+    return ((pw * (np.cumsum(a * pinv) + np.uint64(f0))) & np.uint64(_MASK)).tolist()
+
+
+class SuffixIndex:
+    """Append-only token store with an n-gram -> occurrence-end-positions index, per length
+    in the ladder; n-grams are keyed by `gram_key`."""
 
     def __init__(self, max_depth: int = 32, max_occurrences: int = 32) -> None:
         self.lengths = tuple(n for n in DEFAULT_LENGTHS if n <= max_depth) or (1,)
         self.max_occ = max_occurrences
         self.tokens: list[int] = []
-        self.base = 0
-        self.tables: dict[int, dict[tuple[int, ...], int | tuple[int, ...]]] = {n: {} for n in self.lengths}
-        self.indexed_to = 0  # absolute end positions < indexed_to are indexed
+        self.prefix: list[int] = []  # prefix[i]: hash of tokens[0..i]
+        self.tables: dict[int, dict[int, int | tuple[int, ...]]] = {n: {} for n in self.lengths}
+        self.indexed_to = 0  # end positions < indexed_to are indexed
         self.has_sep = False  # request indexes never hold SEP: skip the per-gram check
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _extend(self, new: list[int]) -> None:
+        self.tokens.extend(new)
+        self.prefix.extend(_prefix_hashes(new, self.prefix[-1] if self.prefix else 0))
+
+    def _keys(self, n: int, lo: int, stop: int) -> list[int]:
+        """Keys of the n-grams ending at lo..stop-1 (lo >= n - 1)."""
+        pw = _POW[n]
+        if stop - lo < _NUMPY_FROM:
+            f = self.prefix
+            return [(f[e] - (f[e - n] if e >= n else 0) * pw) & _MASK for e in range(lo, stop)]
+        f = np.array(self.prefix[max(0, lo - n):stop], dtype=np.int64)
+        cur = f[len(f) - (stop - lo):]
+        prev = f[:stop - lo] if lo >= n else np.concatenate((np.zeros(1, np.int64), f[:stop - lo - 1]))
+        return ((cur - prev * pw) & _MASK).tolist()
+
     def append(self, new_tokens: list[int], index_last: bool = False) -> None:
         """Add tokens. The final token is indexed only when `index_last` (it has no follower
         yet in a live request; indexing it would make the context match itself)."""
-        self.tokens.extend(new_tokens)
+        self._extend(new_tokens)
         self.has_sep = self.has_sep or SEP in new_tokens
-        t, b, check_sep = self.tokens, self.base, self.has_sep
-        stop = b + len(t) - (0 if index_last else 1)
-        if not check_sep and stop - self.indexed_to >= 32:
-            self._append_bulk(stop)
+        t, check_sep = self.tokens, self.has_sep
+        stop = len(t) - (0 if index_last else 1)
+        if not check_sep and stop - self.indexed_to >= _NUMPY_FROM:
+            for n in self.lengths:  # one length at a time, keys at C speed
+                lo = max(self.indexed_to, n - 1)
+                if lo < stop:
+                    self._insert_run(n, lo, stop)
+            self.indexed_to = max(self.indexed_to, stop)
             return
+        # A step's few tokens: the insert inlined (a call per n-gram would cost a third more)
+        f, tables, cap, keep = self.prefix, self.tables, 2 * self.max_occ, 1 - self.max_occ
         for e in range(self.indexed_to, stop):
-            i = e - b
-            if t[i] == SEP:
+            if check_sep and t[e] == SEP:
                 continue
+            fe = f[e]
             for n in self.lengths:
-                if n > i + 1:
-                    break
-                gram = tuple(t[i - n + 1:i + 1])
-                if check_sep and SEP in gram:
-                    break  # longer n-grams contain it too
-                table = self.tables[n]
-                occ = table.get(gram)
-                # Most n-grams occur once: a bare int. More occurrences go in a tuple, which
-                # the garbage collector stops tracking once it has seen it holds only ints: as
-                # lists, a job index's 400k of them made every full collection take 300 ms
-                # (dev CPU), a stall of whichever step it fell in.
+                if n > e + 1 or (check_sep and SEP in t[e - n + 1:e + 1]):
+                    break  # longer n-grams reach back further
+                g = (fe - (f[e - n] if e >= n else 0) * _POW[n]) & _MASK
+                table = tables[n]
+                occ = table.get(g)
                 if occ is None:
-                    table[gram] = e
+                    table[g] = e
                 elif type(occ) is int:
-                    table[gram] = (occ, e)
-                elif len(occ) < 2 * self.max_occ:
-                    table[gram] = occ + (e,)
+                    table[g] = (occ, e)
+                elif len(occ) < cap:
+                    table[g] = occ + (e,)
                 else:  # keep the most recent
-                    table[gram] = occ[len(occ) - self.max_occ + 1:] + (e,)
+                    table[g] = occ[len(occ) + keep:] + (e,)
         self.indexed_to = max(self.indexed_to, stop)
 
-    def _append_bulk(self, stop: int) -> None:
-        """Index end positions [indexed_to, stop) of a SEP-free store, one length at a time:
-        the n-grams come from zip over shifted slices (C speed), so a 1,000-token prompt
-        costs one dict update per (n-gram, length) and no slicing. Same tables as the
-        token-by-token loop."""
-        t, b = self.tokens, self.base
-        for n in self.lengths:
-            i0, i1 = max(self.indexed_to - b, n - 1), stop - b
-            if i0 >= i1:
-                continue
-            grams = zip(*(t[i0 - n + 1 + j:i1 - n + 1 + j] for j in range(n)))
-            self._insert_all(self.tables[n], grams, range(i0 + b, i1 + b))
-        self.indexed_to = max(self.indexed_to, stop)
+    def _insert_run(self, n: int, lo: int, stop: int) -> None:
+        """Index the n-grams ending at lo..stop-1 (keys at C speed for a long run). (Putting
+        runs with no repeated n-gram in at C speed, `dict.update`, was slower: job outputs
+        share n-grams with earlier ones, so the check mostly failed.)"""
+        self._insert_all(self.tables[n], self._keys(n, lo, stop), range(lo, stop))
 
-    def _insert_all(self, table: dict, grams, ends) -> None:
-        """Record each n-gram's end position (one length's table). The insert repeats
-        `append`'s on purpose: a helper call per n-gram would cost this loop a third of its
-        speed; one call per length is noise. (The reverse, `append`'s token loop gathering
-        n-grams for this helper, doubled a one-token append: 2.1 -> 4.1 us on the CI CPU.)"""
+    def _insert_all(self, table: dict, keys, ends) -> None:
+        """Record each n-gram's end position (one length's table). Most n-grams occur once: a
+        bare int. More occurrences go in a tuple, which the garbage collector stops tracking
+        once it has seen it holds only ints: as lists, a job index's 400k of them made every
+        full collection take 300 ms (dev CPU), a stall of whichever step it fell in."""
         get, cap, keep = table.get, 2 * self.max_occ, 1 - self.max_occ
-        for g, e in zip(grams, ends):
+        for g, e in zip(keys, ends):
             occ = get(g)
             if occ is None:
                 table[g] = e
@@ -124,40 +172,45 @@ class SuffixIndex:
                 table[g] = (occ, e)
             elif len(occ) < cap:
                 table[g] = occ + (e,)
-            else:
+            else:  # keep the most recent
                 table[g] = occ[len(occ) + keep:] + (e,)
 
     def append_sequence(self, seq: list[int]) -> None:
         """Add a finished sequence and a SEP after it, every position of it indexed (its last
         token's follower is the SEP). N-grams never reach back across the SEP before it, so
-        each length is indexed in bulk over the sequence alone; same tables as `append`."""
+        each length is indexed over the sequence alone; same tables as `append`."""
         if SEP in seq:
             raise ValueError("a sequence may not contain the separator")
-        t, b = self.tokens, self.base
-        start = b + len(t)  # absolute position of seq[0]
-        t.extend(seq)
+        start = len(self.tokens)  # position of seq[0]
+        self._extend(seq)
         self.has_sep = True
         for n in self.lengths:
             if n > len(seq):
                 break
-            grams = zip(*(seq[j:len(seq) - n + 1 + j] for j in range(n)))
-            self._insert_all(self.tables[n], grams, range(start + n - 1, start + len(seq)))
-        t.append(SEP)
-        self.indexed_to = b + len(t)
+            self._insert_run(n, start + n - 1, start + len(seq))
+        self._extend([SEP])
+        self.indexed_to = len(self.tokens)
 
     def longest(self, context: list[int]) -> tuple[int, int | tuple[int, ...] | None]:
         """The longest indexed suffix of `context`: its length and occurrence ends (an int for
         one), by binary search over the ladder: a context suffix found at length n is found at
         every shorter length too (the same end position indexes all of them, and keys are never
         removed), so matches are monotone in n."""
-        occ: int | tuple[int, ...] | None = None
-        n_match = 0
         lengths, tables, C = self.lengths, self.tables, len(context)
-        lo, hi = 0, bisect.bisect_right(lengths, C)  # candidates lengths[lo:hi]
+        hi = bisect.bisect_right(lengths, C)  # candidates lengths[lo:hi]
+        if hi == 0:
+            return 0, None
+        # The context's suffix keys, from its end backwards, computed only as far as the
+        # search reaches (a miss at 8 never pays for the keys of 9-32).
+        hs = [0]
+        occ: int | tuple[int, ...] | None = None
+        n_match, lo = 0, 0
         while lo < hi:
             mid = (lo + hi) // 2
             n = lengths[mid]
-            found = tables[n].get(tuple(context[C - n:]))
+            for m in range(len(hs), n + 1):
+                hs.append((hs[-1] + (context[C - m] + 2) * _POW[m - 1]) & _MASK)
+            found = tables[n].get(hs[n])
             if found is None:
                 hi = mid
             else:
@@ -182,7 +235,7 @@ class SuffixIndex:
         # A short match is weak evidence whatever its counts say: cap the draft by it.
         k = min(k, max(1, int(spec_factor * n_match)))
         alive = occ[-self.max_occ:]
-        t, base, L = self.tokens, self.base, len(self.tokens)
+        t, L = self.tokens, len(self.tokens)
         draft: list[int] = []
         probs: list[float] = []
         cum = 1.0
@@ -191,7 +244,7 @@ class SuffixIndex:
             # from the store, or from the draft itself when a match overlaps the end (periodic
             # text); SEP and running out end an occurrence. Occurrences are in ascending order,
             # so those whose next token is in the store come first: one comprehension for them.
-            off = 1 + i - base
+            off = 1 + i
             cut = len(alive) if alive[-1] + off < L else bisect.bisect_left(alive, L - off)
             ends = alive[:cut]
             toks = [t[e + off] for e in ends]
