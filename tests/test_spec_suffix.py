@@ -134,3 +134,27 @@ def test_generations_match_as_one_index():
             k, min_prob = rng.randrange(0, 8), rng.choice([0.0, 0.1, 0.5])
             got = match_generations((newer, older), ctx, k, min_prob, 1.0)
             assert got == whole.match(ctx, k, min_prob, 1.0), (trial, ctx)
+
+
+def test_suffix_keys_from_a_tail_index_match_keys_from_the_context():
+    """The proposer keys the context's suffixes from the request's own index (whose tokens end
+    with the context) instead of hashing the context again: both give the same matches, by
+    the prefix-hash path (long appends, numpy) and the token loop alike."""
+    import random
+
+    from engine.spec.suffix import SuffixIndex, gram_key
+    rng = random.Random(13)
+    words = [rng.randrange(5000) for _ in range(12)]
+    job = SuffixIndex(32, 8)
+    for _ in range(30):
+        job.append_sequence([rng.choice(words) for _ in range(rng.randrange(5, 60))])
+    for trial in range(100):
+        hist = [rng.choice(words) for _ in range(rng.randrange(1, 120))]
+        tail = SuffixIndex(8, 8)
+        cut = rng.randrange(len(hist) + 1)
+        tail.append(hist[:cut])
+        tail.append(hist[cut:])  # (bulk and token-loop prefix hashes alike)
+        ctx = hist[-32:]
+        assert all(tail.tail_key(n) == gram_key(ctx[len(ctx) - n:]) for n in range(1, len(ctx) + 1))
+        k = rng.randrange(1, 8)
+        assert job.match(ctx, k, 0.1, 1.0, tail=tail) == job.match(ctx, k, 0.1, 1.0), trial

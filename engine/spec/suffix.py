@@ -191,26 +191,37 @@ class SuffixIndex:
         self._extend([SEP])
         self.indexed_to = len(self.tokens)
 
-    def longest(self, context: list[int]) -> tuple[int, int | tuple[int, ...] | None]:
+    def tail_key(self, n: int) -> int:
+        """The key of this index's last n tokens (n <= len), from two prefix hashes."""
+        f, e = self.prefix, len(self.prefix) - 1
+        return (f[e] - (f[e - n] if e >= n else 0) * _POW[n]) & _MASK
+
+    def longest(self, context: list[int], tail: "SuffixIndex | None" = None
+                ) -> tuple[int, int | tuple[int, ...] | None]:
         """The longest indexed suffix of `context`: its length and occurrence ends (an int for
         one), by binary search over the ladder: a context suffix found at length n is found at
         every shorter length too (the same end position indexes all of them, and keys are never
-        removed), so matches are monotone in n."""
+        removed), so matches are monotone in n. `tail`: an index whose tokens end with
+        `context` (the request's own): its prefix hashes give each suffix key in O(1)."""
         lengths, tables, C = self.lengths, self.tables, len(context)
         hi = bisect.bisect_right(lengths, C)  # candidates lengths[lo:hi]
         if hi == 0:
             return 0, None
-        # The context's suffix keys, from its end backwards, computed only as far as the
-        # search reaches (a miss at 8 never pays for the keys of 9-32).
+        # Otherwise the context's suffix keys, from its end backwards, computed only as far as
+        # the search reaches (a miss at 8 never pays for the keys of 9-32).
         hs = [0]
         occ: int | tuple[int, ...] | None = None
         n_match, lo = 0, 0
         while lo < hi:
             mid = (lo + hi) // 2
             n = lengths[mid]
-            for m in range(len(hs), n + 1):
-                hs.append((hs[-1] + (context[C - m] + 2) * _POW[m - 1]) & _MASK)
-            found = tables[n].get(hs[n])
+            if tail is not None:
+                key = tail.tail_key(n)
+            else:
+                for m in range(len(hs), n + 1):
+                    hs.append((hs[-1] + (context[C - m] + 2) * _POW[m - 1]) & _MASK)
+                key = hs[n]
+            found = tables[n].get(key)
             if found is None:
                 hi = mid
             else:
@@ -224,10 +235,12 @@ class SuffixIndex:
         min_prob: float,
         spec_factor: float,
         self_overlap: bool = False,
+        tail: "SuffixIndex | None" = None,
     ) -> Draft:
+        """`tail`: as in `longest`."""
         if k <= 0:
             return Draft()
-        n_match, occ = self.longest(context)
+        n_match, occ = self.longest(context, tail)
         if occ is None:
             return Draft()
         if type(occ) is int:
@@ -277,16 +290,16 @@ class SuffixIndex:
 
 
 def match_generations(indexes: tuple[SuffixIndex, ...], context: list[int], k: int, min_prob: float,
-                      spec_factor: float) -> Draft:
+                      spec_factor: float, tail: SuffixIndex | None = None) -> Draft:
     """`SuffixIndex.match` over several indexes of finished sequences (newest first) as if they
     were one: the longest suffix found in any, the newest `max_occ` of its occurrences across
     them, the most frequent continuation over those (ties to the oldest). Each store ends with
     a SEP, so an occurrence's continuation never runs past its own store."""
     if len(indexes) == 1:
-        return indexes[0].match(context, k, min_prob, spec_factor)
+        return indexes[0].match(context, k, min_prob, spec_factor, tail=tail)
     if k <= 0:
         return Draft()
-    found = [(idx, *idx.longest(context)) for idx in reversed(indexes)]  # oldest first
+    found = [(idx, *idx.longest(context, tail)) for idx in reversed(indexes)]  # oldest first
     n_match = max(n for _, n, _ in found)
     if n_match == 0:
         return Draft()
@@ -416,7 +429,8 @@ class SuffixProposer:
                 out.append(Draft())
                 continue
             ctx = hist[-self.max_depth:]
-            best = idx.match(ctx, ki, self.min_prob, self.spec_factor, self_overlap=True)
+            # (ctx ends the request's own index: its prefix hashes key every suffix of ctx)
+            best = idx.match(ctx, ki, self.min_prob, self.spec_factor, self_overlap=True, tail=idx)
             jid = job_ids[i] if job_ids else None
             job = self._jobs.get(jid) if jid is not None else None
             # A full draft every occurrence agrees on cannot be beaten on score: skip the job's
@@ -424,7 +438,7 @@ class SuffixProposer:
             certain = len(best.tokens) == ki and best.score >= ki
             if job is not None and not certain:
                 self._jobs.move_to_end(jid)
-                d = match_generations(job.indexes, ctx, ki, self.min_prob, self.spec_factor)
+                d = match_generations(job.indexes, ctx, ki, self.min_prob, self.spec_factor, tail=idx)
                 if (d.score, d.match_len) > (best.score, best.match_len):
                     best = d
             out.append(best)
