@@ -206,9 +206,16 @@ class SpecDecoder:
     def _decoding(self, running: list[Request]) -> tuple[list[Request], list[int]]:
         """Requests whose next step decodes, and the drafts each has room for: drafts never run
         past max_tokens or the model's context, counting the drafts still in flight."""
-        reqs = [r for r in running if r.num_computed_tokens == r.num_tokens - 1]
-        caps = [max(0, min(self.k, r.params.max_tokens - len(r.output_token_ids) - 1 - r.num_unverified,
-                           self.engine.max_model_len - r.num_tokens - 1 - r.num_unverified)) for r in reqs]
+        k, max_len = self.k, self.engine.max_model_len
+        reqs, caps = [], []
+        for r in running:  # (one pass, no property calls: this runs every speculating step)
+            n, out = len(r.prompt_token_ids) + len(r.output_token_ids), len(r.output_token_ids)
+            if r.num_computed_tokens != n - 1:
+                continue
+            u = r.num_unverified
+            c = min(k, r.params.max_tokens - out - 1 - u, max_len - n - 1 - u)
+            reqs.append(r)
+            caps.append(c if c > 0 else 0)
         return reqs, caps
 
     # ---- n-gram and suffix: drafts from the tokens on the host -----------------------------
@@ -240,7 +247,7 @@ class SpecDecoder:
             return False  # too large a batch for drafts to pay: spend no host time on them
         self._score_guesses(reqs)
         ids = [r.request_id for r in reqs]
-        acc = [self.controller.acceptance(i) for i in ids]
+        acc = self.controller.acceptances(ids)
         # Could drafting pay even if every request accepted as well as the best one does? If
         # not, skip the per-request choice (at batch 200 it cost 1-2 ms of host time a step).
         ks = None

@@ -197,6 +197,16 @@ class SpecController:
         a = (s.acc + self.prior * self.prior_weight) / (s.trials + self.prior_weight)
         return min(a, 0.99)
 
+    def acceptances(self, request_ids: list[str]) -> list[float]:
+        """`acceptance` of each request, the prior for new ones computed once."""
+        new = min(self.recent_acceptance(), 0.99)
+        get, pw, w = self._acc.get, self.prior * self.prior_weight, self.prior_weight
+        out = []
+        for rid in request_ids:
+            s = get(rid)
+            out.append(new if s is None else min((s.acc + pw) / (s.trials + w), 0.99))
+        return out
+
     def choose_k(self, request_ids: list[str], max_k: list[int] | None = None,
                  forget_idle: bool = True, discount: list[float] | None = None,
                  acceptance: list[float] | None = None) -> list[int]:
@@ -211,7 +221,7 @@ class SpecController:
             return []
         caps = [min(self.max_k, m) for m in max_k] if max_k is not None else [self.max_k] * B
         if acceptance is None:
-            acceptance = [self.acceptance(rid) for rid in request_ids]
+            acceptance = self.acceptances(request_ids)
         k = self._allocate(acceptance, caps, discount)
         if forget_idle:
             self._forget_idle(request_ids, k)
