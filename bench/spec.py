@@ -137,6 +137,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="float32", help="float32 keeps greedy outputs comparable across modes")
+    ap.add_argument("--greedy-check", choices=["strict", "report"], default="strict",
+                    help="strict: fail if greedy outputs differ across modes; report: only count them (bf16, "
+                         "where a verification step's rounding differs from a plain step's and near ties flip)")
     ap.add_argument("--batch-sizes", default="1,8,32,256")
     ap.add_argument("--methods", default="ngram,suffix",
                     help="ngram, suffix; '-ahead' (ngram-ahead) drafts past the step in flight")
@@ -264,12 +267,15 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "timing": "modes alternate; each figure is the mode's fastest run",
         "batch_sizes": batch_sizes, "methods": methods,
         "drafting": "wait for the step in flight before drafting; '-ahead' methods draft past it",
-        "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches}})
+        "draft_pair": "random weights, same shapes: shows overhead only", "mismatches": mismatches,
+        "greedy_check": args.greedy_check}})
     print_table(f"{name} on {dev} (greedy, k={args.k}, {args.max_tokens} tokens)", rows,
                 ["tok_s", "speedup", "acceptance", "elapsed_s", "steps", "spec_mode_steps", "wait_steps"])
     print(f"wrote {out}")
-    if mismatches:
+    if mismatches and args.greedy_check == "strict":
         raise SystemExit("greedy outputs differ across modes: " + "; ".join(mismatches))
+    if mismatches:
+        print("greedy outputs differ across modes (reported, not checked): " + "; ".join(mismatches))
     return figures
 
 
