@@ -399,3 +399,14 @@ def test_a_learned_drafting_overhead_fades_back_when_nothing_drafts():
     for _ in range(300):  # 300 plain steps: under half a second of a batch-1 job
         c.observe_step(1, 1, drafted=False, overlapped=True, seconds=0.001)
     assert c.sync_cost(1) < 1.0 and c.choose_k(sure)[0] > 0
+
+
+def test_controller_acceptances_equal_acceptance_per_request():
+    c = SpecController()
+    ids = [f"r{i}" for i in range(40)]
+    for j, rid in enumerate(ids[:30]):
+        for _ in range(j % 5):
+            c.record(rid, 4, j % 4)
+    c.record_guess("r35", True)
+    assert c.acceptances(ids) == [c.acceptance(rid) for rid in ids]
+    assert len(set(c.acceptances(ids))) > 3  # new, idle and trained requests alike
