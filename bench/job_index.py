@@ -39,7 +39,7 @@ class RebuildingJobIndex:
     max_per_read = 16
 
     def __init__(self, max_tokens: int, max_depth: int, max_occ: int) -> None:
-        from engine.spec.suffix import SuffixIndex
+        from engine.spec.suffix_index import SuffixIndex
         self.max_tokens, self.max_depth, self.max_occ = max_tokens, max_depth, max_occ
         self.seqs: deque[list[int]] = deque()
         self.size = 0
@@ -60,7 +60,7 @@ class RebuildingJobIndex:
 
     @property
     def indexes(self) -> tuple:
-        from engine.spec.suffix import SuffixIndex
+        from engine.spec.suffix_index import SuffixIndex
         if self._rebuild:
             self._index = SuffixIndex(self.max_depth, self.max_occ)
             self._queued, self._rebuild = list(self.seqs), False

@@ -31,7 +31,7 @@ def _time_ms(build, prompts) -> float:
 
 def main(argv=None) -> dict:
     from engine.spec.ngram import NgramProposer
-    from engine.spec.suffix import SuffixIndex
+    from engine.spec.suffix_index import SuffixIndex
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--length", type=int, default=1000)

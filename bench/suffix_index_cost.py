@@ -2,7 +2,7 @@
 
 The suffix proposer's host time decides whether it pays at batch 8-32 (on the H200 a SmolLM2
 step is 2-3 ms, and a proposal that costs 100 us a request eats a step's worth at batch 32).
-This times, for `engine/spec/suffix.py` here and at `--baseline-rev` (loaded from git), in one
+This times, for `SuffixIndex` here and at `--baseline-rev` (loaded from git), in one
 run: indexing a 1,000-token prompt (a request's first proposal), indexing a 128-token finished
 output into a job index (every output of a job), appending 3 tokens to a request's index (a
 step's catch-up), and matching a context against a job index of 200 outputs.
@@ -23,11 +23,18 @@ from bench.common import device_name, print_table, write_result
 
 
 def load_revision(rev: str) -> types.ModuleType:
-    src = subprocess.check_output(["git", "show", f"{rev}:engine/spec/suffix.py"], text=True)
-    mod = types.ModuleType(f"suffix_at_{rev}")
-    sys.modules[mod.__name__] = mod  # (its dataclasses look their module up)
-    exec(compile(src, f"{rev}:engine/spec/suffix.py", "exec"), mod.__dict__)
-    return mod
+    """The module holding `SuffixIndex` at a revision (engine/spec/suffix_index.py since
+    the index got a file of its own, engine/spec/suffix.py before)."""
+    for path in ("engine/spec/suffix_index.py", "engine/spec/suffix.py"):
+        try:
+            src = subprocess.check_output(["git", "show", f"{rev}:{path}"], text=True, stderr=subprocess.DEVNULL)
+        except subprocess.CalledProcessError:
+            continue
+        mod = types.ModuleType(f"suffix_index_at_{rev}")
+        sys.modules[mod.__name__] = mod  # (its dataclasses look their module up)
+        exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
+        return mod
+    raise SystemExit(f"no suffix index at {rev}")
 
 
 def _texts(seed: int, prompts: int, outputs: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -111,7 +118,7 @@ def measure(mod, docs: list[list[int]], outs: list[list[int]]) -> dict:
 
 
 def main(argv=None) -> dict:
-    import engine.spec.suffix as here
+    import engine.spec.suffix_index as here
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-rev", default="61774c5")
     ap.add_argument("--seed", type=int, default=0)
@@ -127,7 +134,7 @@ def main(argv=None) -> dict:
     dev = device_name("cpu")
     path = write_result("suffix-index-cost-cpu", figures, baseline, dev, extra={"workload": {
         "prompts": len(docs), "prompt_tokens": 1000, "outputs": len(outs), "output_tokens": 128, "seed": args.seed,
-        "baseline": f"engine/spec/suffix.py at {args.baseline_rev}"}})
+        "baseline": f"SuffixIndex at {args.baseline_rev}"}})
     keys = ["prompt_index_us", "job_output_index_us", "step_append_us", "job_match_us"]
     print_table(f"suffix index host cost on {dev} (us per operation)",
                 [("this tree", figures), (args.baseline_rev, baseline)], keys)

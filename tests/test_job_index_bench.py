@@ -4,7 +4,8 @@ outputs, the generations index each output once, and both draft about as well.""
 
 def test_rebuilding_baseline_reindexes_and_generations_do_not():
     from bench.job_index import RebuildingJobIndex, _outputs, stream
-    from engine.spec.suffix import SuffixIndex, _JobIndex
+    from engine.spec.suffix import _JobIndex
+    from engine.spec.suffix_index import SuffixIndex
     outputs = _outputs(300, seed=1)  # about 23k tokens against a 4,000-token cap
     counts = {}
     real = SuffixIndex.append_sequence

@@ -125,7 +125,7 @@ def test_suffix_incremental_equals_from_scratch(toks, cuts, k):
 def _match_definition(idx, context, k, min_prob, spec_factor, self_overlap):
     """SuffixIndex.match written plainly: the longest indexed suffix of the context, then per
     position the most frequent next token over the live occurrences."""
-    from engine.spec.suffix import SEP, Draft, gram_key
+    from engine.spec.suffix_index import SEP, Draft, gram_key
     occ, n_match = None, 0
     for n in reversed(idx.lengths):
         if n <= len(context) and (occ := idx.tables[n].get(gram_key(context[len(context) - n:]))) is not None:
@@ -168,7 +168,7 @@ def _match_definition(idx, context, k, min_prob, spec_factor, self_overlap):
        k=st.integers(0, 6), min_prob=st.sampled_from([0.0, 0.1, 0.5]), overlap=st.booleans(),
        seps=st.lists(st.integers(0, 99), max_size=3))
 def test_suffix_match_equals_its_definition(toks, ctx_len, k, min_prob, overlap, seps):
-    from engine.spec.suffix import SEP, SuffixIndex
+    from engine.spec.suffix_index import SEP, SuffixIndex
     stream = list(toks)
     for s in seps:  # job indexes hold several outputs separated by SEP
         if s < len(stream):

@@ -4,7 +4,7 @@
 def test_bulk_indexing_builds_the_same_tables_as_token_by_token():
     import random
 
-    from engine.spec.suffix import SuffixIndex
+    from engine.spec.suffix_index import SuffixIndex
     rng = random.Random(3)
     words = [rng.randrange(50) for _ in range(20)]
     tokens = [rng.choice(words) for _ in range(700)]
@@ -25,7 +25,8 @@ def test_finished_sequences_index_like_the_token_loop_and_only_when_read():
     index, so a large batch that never drafts never pays for it. Eviction keeps the newest."""
     import random
 
-    from engine.spec.suffix import SEP, SuffixIndex, _JobIndex
+    from engine.spec.suffix import _JobIndex
+    from engine.spec.suffix_index import SEP, SuffixIndex
     rng = random.Random(5)
     words = [rng.randrange(40) for _ in range(15)]
     seqs = [[rng.choice(words) for _ in range(rng.randrange(1, 90))] for _ in range(30)]
@@ -68,7 +69,8 @@ def test_a_long_job_indexes_each_output_once():
     """Past the cap, the oldest generation is dropped whole: each output is indexed once, however
     long the job (rebuilding from the kept outputs indexed each about four times), and the
     index never starts over empty."""
-    from engine.spec.suffix import SuffixIndex, SuffixProposer
+    from engine.spec.suffix import SuffixProposer
+    from engine.spec.suffix_index import SuffixIndex
     p = SuffixProposer(max_job_tokens=2000)
     indexed = []
     real = SuffixIndex.append_sequence
@@ -98,7 +100,7 @@ def test_a_job_index_leaves_nothing_for_the_garbage_collector_to_scan():
     import gc
     import random
 
-    from engine.spec.suffix import SuffixIndex
+    from engine.spec.suffix_index import SuffixIndex
     rng = random.Random(7)
     words = [rng.randrange(60) for _ in range(25)]
     idx = SuffixIndex(32, 8)
@@ -116,7 +118,7 @@ def test_generations_match_as_one_index():
     would: the same longest suffix, occurrences, counts and ties."""
     import random
 
-    from engine.spec.suffix import SuffixIndex, match_generations
+    from engine.spec.suffix_index import SuffixIndex, match_generations
     rng = random.Random(11)
     for trial in range(200):
         words = [rng.randrange(30) for _ in range(rng.randrange(2, 12))]
@@ -142,7 +144,7 @@ def test_suffix_keys_from_a_tail_index_match_keys_from_the_context():
     the prefix-hash path (long appends, numpy) and the token loop alike."""
     import random
 
-    from engine.spec.suffix import SuffixIndex, gram_key
+    from engine.spec.suffix_index import SuffixIndex, gram_key
     rng = random.Random(13)
     words = [rng.randrange(5000) for _ in range(12)]
     job = SuffixIndex(32, 8)
