@@ -151,8 +151,9 @@ class SuffixIndex:
         self._insert_all(self.tables[n], self._keys(n, lo, stop), range(lo, stop))
 
     def _insert_all(self, table: dict, keys, ends) -> None:
-        """Record each n-gram's end position (one length's table). Most n-grams occur once: a
-        bare int. More occurrences go in a tuple, which the garbage collector stops tracking
+        """Record each n-gram's end position (one length's table). `append`'s loop for a step's
+        few tokens repeats this insert on purpose: a call per n-gram there cost a third more.
+        Most n-grams occur once: a bare int. More occurrences go in a tuple, which the garbage collector stops tracking
         once it has seen it holds only ints: as lists, a job index's 400k of them made every
         full collection take 300 ms (dev CPU), a stall of whichever step it fell in."""
         get, cap, keep = table.get, 2 * self.max_occ, 1 - self.max_occ
