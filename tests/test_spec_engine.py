@@ -343,13 +343,39 @@ def test_a_large_batch_of_poor_acceptance_skips_the_choice_and_probes_a_few_in_t
     ctl.choose_k = lambda *a, **kw: chosen.append(1) or real_choose(*a, **kw)
     probed = []
     real_look = spec._lookahead
-    spec._lookahead = lambda reqs, ks: probed.append([r.request_id for r in reqs]) or real_look(reqs, ks)
+    spec._lookahead = lambda reqs, ks, *a: probed.append([r.request_id for r in reqs]) or real_look(reqs, ks, *a)
     for _ in range(8 * spec.probe_every):
         assert not spec.draft_ahead(chat)
     assert chosen == []
     n = max(4, spec.probe_budget // 200)
     assert len(probed) == 8 and all(len(p) == n for p in probed)
     assert len({rid for p in probed for rid in p}) == 8 * n  # in turn, not the same ones
+
+
+def test_a_large_batch_looks_first_at_few_new_requests_per_step():
+    """Past `first_look_from` requests, the proposer indexes new requests' histories only up to
+    `first_look_tokens` a step (the first new one always), the rest in later steps; requests it
+    has seen are asked every time; the answers stay in the callers' order. At small batches
+    every request is looked at at once."""
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
+    spec = eng.spec
+    spec.first_look_from, spec.first_look_tokens = 8, 100
+    seg = [7, 8, 9, 10, 11, 12]
+    reqs = [_decoding(f"r{i}", seg * 6, [7]) for i in range(20)]  # 37 tokens each
+    asked = []
+    real = spec.proposer.propose
+    spec.proposer.propose = lambda ids, *a: asked.append(list(ids)) or real(ids, *a)
+    found = spec._lookahead(reqs, [4] * 20, batch=20)
+    assert asked[-1] == ["r0", "r1"]  # 37 + 37 <= 100; a third would not fit
+    assert [f[3] for f in found] == [True, True] + [False] * 18
+    assert all(f[2] == 37 for f in found)
+    found = spec._lookahead(reqs, [4] * 20, batch=20)
+    assert asked[-1] == ["r0", "r1", "r2", "r3"]
+    assert [f[3] for f in found][:5] == [True] * 4 + [False]
+    spec.on_finished(reqs[0])
+    small = [_decoding(f"s{i}", seg * 6, [7]) for i in range(8)]
+    spec._lookahead(small, [4] * 8, batch=8)
+    assert len(asked[-1]) == 8
 
 
 def test_lookahead_guesses_are_scored_once_their_token_is_known():
