@@ -114,7 +114,6 @@ class LLMEngine:
             self.scheduler.min_admission_slots = max(1, self.config.max_num_seqs // 8)
             self.scheduler.graph_rows = self.runner.max_prefill_rows_as_decode
             self.scheduler.graph_reads = self.runner.max_decode_row_reads
-            self.scheduler.admission_costs = self.runner.admission_costs
         self.stop_checker = StopChecker(tokenizer, _eos_ids(cfg, tokenizer, path), self.max_model_len)
         self.requests: dict[str, Request] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(self.config.seed)

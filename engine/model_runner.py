@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.admission_cost import AdmissionCosts
 from engine.block_table import BlockTable
 from engine.cascade_plan import MAX_GROUPS, CascadePlanner
 from engine.pinned_upload import PinnedUpload
@@ -121,9 +120,6 @@ class ModelRunner:
         self.max_prefill_rows_as_decode = max(self.graphs, default=0)
         kv_per_position = self.kv_bytes_per_block // self.block_size
         self.max_decode_row_reads = max(MAX_DECODE_ROW_READS, MAX_DECODE_ROW_READ_BYTES // kv_per_position)
-        # What prefill rows cost through the graphs against an eager step, on this card, model
-        # and dtype (the scheduler picks the cheaper way per admission; None: always graphs).
-        self.admission_costs: AdmissionCosts | None = self.measure_admission_costs() if self.graphs else None
         if self.device.type == "cuda":
             from kernels import step_inputs
             step_inputs.warm_up(self.device, config.num_speculative_tokens if config.speculative_method else 0)
@@ -173,44 +169,6 @@ class ModelRunner:
             self.model.compute_logits(h[-min(T, self.config.max_num_seqs):])
         torch.cuda.synchronize()
         del kc, h
-
-    @torch.inference_mode()
-    def measure_admission_costs(self, context: int = 256, reps: int = 3) -> AdmissionCosts:
-        """Time, at start-up (about 0.2 s), a decode-graph step of the fewest and of the most
-        captured rows, every row reading `context` positions (prefill rows read their prompt
-        so far), and eager one-sequence prefills of two lengths. Graph replays write nothing
-        (slots -1); the prefills write blocks of the still empty KV pool."""
-        g, sizes = self.graph_bufs, sorted(self.graphs)
-        small, large = sizes[0], sizes[-1]
-        g["slot_mapping"].fill_(-1)
-        g["context_lens"].fill_(min(context, self.max_model_len))
-        t_small = _best_ms(self.graphs[small].replay, reps)
-        t_large = _best_ms(self.graphs[large].replay, reps)
-        g["context_lens"].fill_(1)
-        row_ms = max(0.0, (t_large - t_small) / (large - small)) if large > small else 0.0
-        cap = min(self.config.max_num_batched_tokens, self.max_model_len, self.num_blocks * self.block_size)
-        t1, t2 = min(large, cap), min(4 * large, cap)
-        e1 = _best_ms(lambda: self._eager_prefill(t1), reps)
-        if t2 > t1:
-            e2 = _best_ms(lambda: self._eager_prefill(t2), reps)
-            token_ms = max(0.0, (e2 - e1) / (t2 - t1))
-        else:
-            token_ms = e1 / max(1, t1)
-        costs = AdmissionCosts(graph_base_ms=t_small, graph_row_ms=row_ms,
-                               eager_base_ms=max(0.0, e1 - t1 * token_ms), eager_token_ms=token_ms)
-        log.info("admission costs: %s", costs)
-        return costs
-
-    def _eager_prefill(self, T: int) -> None:
-        """One sequence's prefill of T tokens through the eager path (no logits)."""
-        nblk, dev = -(-T // self.block_size), self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(T, device=dev),
-            block_tables=torch.arange(nblk, dtype=torch.int32, device=dev).unsqueeze(0),
-            context_lens=torch.tensor([T], dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor([0, T], dtype=torch.int32, device=dev),
-            is_decode=False, max_q_len=T, max_context_len=T)
-        self.model(torch.zeros(T, dtype=torch.long, device=dev), torch.arange(T, device=dev), meta)
 
     # ---- inputs ------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch, prev, block_table: BlockTable) -> StepInputs:
@@ -501,20 +459,6 @@ class ModelRunner:
         g["c_suffix_lens"][B:size].fill_(1)
         self.cascade_graphs[size].replay()
         return self.model.compute_logits(g[f"chidden_{size}"][:B][inp.logits_indices])
-
-
-def _best_ms(fn, reps: int) -> float:
-    """Fastest of `reps` timed calls of fn on the current stream, after one warm-up call."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
 
 
 def decode_graph_sizes(max_num_seqs: int, num_speculative_tokens: int = 0) -> list[int]:

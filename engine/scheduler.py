@@ -10,7 +10,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engine.admission_cost import AdmissionCosts
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.request import Request, RequestStatus
@@ -55,9 +54,6 @@ class Scheduler:
         self.graph_rows = 0
         self.graph_reads = 0
         self.max_cut_steps = 8
-        # Measured on the card (ModelRunner.measure_admission_costs): an admission goes through
-        # the graphs only where its rows there cost less than eager steps (None: always).
-        self.admission_costs: AdmissionCosts | None = None
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -203,9 +199,6 @@ class Scheduler:
         # decode) runs eagerly in full chunks: through graph-sized ones it took 1.1-1.3x the
         # steps at batch 256 (H200). Cutting is for admissions a few graph steps can take.
         if not rows or not pending or room <= 0 or pending > self.max_cut_steps * room:
-            return None
-        c = self.admission_costs
-        if c is not None and not c.graph_pays(pending, self.config.max_num_batched_tokens):
             return None
         return _GraphRoom(room, self.graph_reads - reads)
 

@@ -1,7 +1,6 @@
 """KV block pool, prefix cache and scheduler rules, without a model."""
 from __future__ import annotations
 
-from engine.admission_cost import AdmissionCosts
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.request import Request
@@ -256,34 +255,6 @@ def test_a_chunk_too_small_to_progress_is_not_cut():
     s2, _ = _decoding_scheduler(graph_rows=40, graph_reads=1_000_000)
     s2.add(req("w", list(range(1000, 1030))))  # fits whole
     assert s2.schedule().num_tokens[-1] == 30
-
-
-def test_admission_costs_pick_the_cheaper_way():
-    """Graph rows against eager steps: rows that cost as much as fp32 SmolLM2's on the H200 send
-    a 1,600-token admission eager; rows as cheap as bf16's keep it in the graphs; a short
-    chunk stays in the graphs either way (the eager step's launches dominate)."""
-    fp32 = AdmissionCosts(graph_base_ms=1.1, graph_row_ms=0.017, eager_base_ms=3.0, eager_token_ms=0.0015)
-    bf16 = AdmissionCosts(graph_base_ms=0.9, graph_row_ms=0.001, eager_base_ms=12.0, eager_token_ms=0.0005)
-    assert not fp32.graph_pays(1600, budget=8192)
-    assert bf16.graph_pays(1600, budget=8192)
-    assert fp32.graph_pays(64, budget=8192)
-    # each eager step pays its launches again: a small budget makes eager dearer
-    assert fp32.graph_pays(1600, budget=16)
-    assert not fp32.graph_pays(1600, budget=1600)
-
-
-def test_scheduler_admits_eagerly_where_graph_rows_cost_more():
-    """With measured costs that make graph rows dear, the admission is not cut (one eager
-    mixed step); with cheap rows it is cut to the graph's room as before."""
-    dear = AdmissionCosts(graph_base_ms=1.1, graph_row_ms=0.017, eager_base_ms=3.0, eager_token_ms=0.0015)
-    cheap = AdmissionCosts(graph_base_ms=0.9, graph_row_ms=0.001, eager_base_ms=12.0, eager_token_ms=0.0005)
-    got = {}
-    for name, costs in (("dear", dear), ("cheap", cheap)):
-        s, _ = _decoding_scheduler(graph_rows=200, graph_reads=1_000_000)
-        s.admission_costs = costs
-        s.add(req("w", list(range(1000, 1600))))  # 600 prompt tokens
-        got[name] = s.schedule().num_tokens[-1]
-    assert got == {"dear": 600, "cheap": 198}
 
 
 def test_token_slice_spans_prompt_output_and_drafts():

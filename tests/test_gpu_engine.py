@@ -281,22 +281,3 @@ def test_verification_rows_replay_graphs_and_keep_greedy_output():
     verifying = [(rows, dec) for drafted, prefill, rows, dec in steps if drafted and not prefill]
     assert len(verifying) >= 10 and all(dec and rows <= top for rows, dec in verifying)
     assert max(rows for rows, _ in verifying) > 8  # more rows than requests: graphs sized for rows
-
-
-def test_admission_costs_are_measured_at_start_up():
-    """The runner times graph rows and eager prefills on the card, and the scheduler decides
-    admissions with those figures: every one positive and finite, an eager forward's fixed cost
-    above a graph replay's (its launches are what graphs save)."""
-    import math
-
-    from engine.llm_engine import LLMEngine
-    eng = LLMEngine(random_llama_dir(), tokenizer=None, device="cuda", dtype="float32", gpu_memory_utilization=0.3,
-                    max_model_len=1024, speculative_method="ngram")
-    c = eng.runner.admission_costs
-    assert c is not None and eng.scheduler.admission_costs is c
-    figures = [c.graph_base_ms, c.graph_row_ms, c.eager_base_ms, c.eager_token_ms]
-    assert all(math.isfinite(x) and x >= 0 for x in figures) and c.graph_base_ms > 0
-    assert c.eager_base_ms + 512 * c.eager_token_ms > c.graph_base_ms
-    print("admission costs", c)
-    del eng
-    torch.cuda.empty_cache()
