@@ -22,19 +22,21 @@ import types
 from bench.common import device_name, print_table, write_result
 
 
-def load_revision(rev: str) -> types.ModuleType:
-    """The module holding `SuffixIndex` at a revision (engine/spec/suffix_index.py since
-    the index got a file of its own, engine/spec/suffix.py before)."""
-    for path in ("engine/spec/suffix_index.py", "engine/spec/suffix.py"):
+def load_revision(rev: str, paths: tuple[str, ...] = ("engine/spec/suffix_index.py", "engine/spec/suffix.py")
+                  ) -> types.ModuleType:
+    """The module at a revision from the first of `paths` it has (by default the one holding
+    `SuffixIndex`: engine/spec/suffix_index.py since the index got a file of its own,
+    engine/spec/suffix.py before)."""
+    for path in paths:
         try:
             src = subprocess.check_output(["git", "show", f"{rev}:{path}"], text=True, stderr=subprocess.DEVNULL)
         except subprocess.CalledProcessError:
             continue
-        mod = types.ModuleType(f"suffix_index_at_{rev}")
+        mod = types.ModuleType(f"{path.rsplit('/', 1)[-1][:-3]}_at_{rev}")
         sys.modules[mod.__name__] = mod  # (its dataclasses look their module up)
         exec(compile(src, f"{rev}:{path}", "exec"), mod.__dict__)
         return mod
-    raise SystemExit(f"no suffix index at {rev}")
+    raise SystemExit(f"none of {paths} at {rev}")
 
 
 def _texts(seed: int, prompts: int, outputs: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -78,6 +78,19 @@ def test_ngram_token_by_token_equals_reference(toks, step, ns):
         assert p.propose(["r"], [h], [3]) == [ngram_propose_reference(h, 3, min_n, max_n)]
 
 
+def test_ngram_long_appends_equal_reference():
+    """Prompts and catch-ups of hundreds of tokens compute their keys with numpy: the same
+    proposals as the definition, before and after small steps."""
+    import random
+    rng = random.Random(5)
+    toks = [rng.randrange(6) for _ in range(900)]
+    for min_n, max_n in ((1, 4), (2, 4), (3, 5)):
+        p = NgramProposer(min_n, max_n)
+        for c in (300, 302, 303, 700, 701, 900):
+            h = toks[:c]
+            assert p.propose(["r"], [h], [5]) == [ngram_propose_reference(h, 5, min_n, max_n)]
+
+
 def test_ngram_step_cost_is_incremental():
     p = NgramProposer(1, 4)
     hist = [i % 5000 for i in range(50_000)]

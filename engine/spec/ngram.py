@@ -3,11 +3,16 @@
 For n from max_n down to min_n: find the latest *earlier* occurrence of the last n tokens
 of the history and propose the tokens that followed it. Each request keeps an incremental
 index (per n: n-gram -> latest end position), so a step costs O(new tokens * #n), not
-O(history).
+O(history). N-grams are keyed by rolling hashes (`engine/spec/gram_hash.py`), not tuples: a
+prompt's keys come at C speed, and the index holds ints the garbage collector never scans (with
+tuples, a batch of 256 prompts put some 230k tracked objects in the heap, and collections
+landed in steps).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from engine.spec.gram_hash import MASK, POW, P, gram_keys, prefix_hashes
 
 
 @dataclass
@@ -15,10 +20,11 @@ class _NgramIndex:
     min_n: int
     max_n: int
     tokens: list[int] = field(default_factory=list)
-    # tables[n - min_n]: n-gram -> end index e of its latest occurrence that has a follower
-    # (e + 1 < len(tokens)); the trailing n-gram itself is never indexed, so a lookup of the
-    # suffix always finds an *earlier* occurrence.
-    tables: list[dict[tuple[int, ...], int]] = field(default_factory=list)
+    prefix: list[int] = field(default_factory=list)  # prefix[i]: hash of tokens[0..i]
+    # tables[n - min_n]: n-gram key -> end index e of its latest occurrence that has a
+    # follower (e + 1 < len(tokens)); the trailing n-gram itself is never indexed, so a lookup
+    # of the suffix always finds an *earlier* occurrence.
+    tables: list[dict[int, int]] = field(default_factory=list)
     indexed_to: int = 0  # end positions < indexed_to are in the tables
 
     def __post_init__(self) -> None:
@@ -27,33 +33,39 @@ class _NgramIndex:
     def sync(self, history: list[int]) -> None:
         t = self.tokens
         if len(history) < len(t) or (t and history[len(t) - 1] != t[-1]):
-            self.tokens, self.indexed_to = [], 0  # history rewritten: rebuild
+            self.tokens, self.prefix, self.indexed_to = [], [], 0  # history rewritten: rebuild
             self.tables = [{} for _ in self.tables]
             t = self.tokens
-        if len(history) > len(t):
-            t.extend(history[len(t):])
+        f = self.prefix
+        if len(history) == len(t) + 1 and f:  # one new token (most calls): no slicing, no call
+            x = history[-1]
+            t.append(x)
+            f.append((f[-1] * P + x + 2) & MASK)
+        elif len(history) > len(t):
+            new = history[len(t):]
+            t.extend(new)
+            f.extend(prefix_hashes(new, f[-1] if f else 0))
         last = len(t) - 1  # newest token has no follower yet
         if 0 < last - self.indexed_to <= 2 and self.indexed_to >= self.max_n:
-            # A step's worth of new tokens: index them directly (most calls; the slice-zip
-            # path below costs more to set up than it saves for one or two n-grams).
+            # A step's worth of new tokens: keys inline (most calls; e >= max_n >= n here).
             for e in range(self.indexed_to, last):
+                fe = f[e]
                 for n, table in enumerate(self.tables, self.min_n):
-                    table[tuple(t[e - n + 1:e + 1])] = e
+                    table[(fe - f[e - n] * POW[n]) & MASK] = e
             self.indexed_to = last
             return
         for n in range(self.min_n, self.max_n + 1):
             e0 = max(self.indexed_to, n - 1)
             if e0 < last:
-                # n-grams ending at e0..last-1 from zip over shifted slices; update keeps the
-                # latest end of each, all at C speed (a 1,000-token prompt is one call per n).
-                grams = zip(*(t[e0 - n + 1 + j:last - n + 1 + j] for j in range(n)))
-                self.tables[n - self.min_n].update(zip(grams, range(e0, last)))
+                # update keeps the latest end of each key, at C speed
+                self.tables[n - self.min_n].update(zip(gram_keys(f, n, e0, last), range(e0, last)))
         self.indexed_to = max(self.indexed_to, last)
 
     def propose(self, k: int) -> list[int]:
-        t, L = self.tokens, len(self.tokens)
+        t, f, L = self.tokens, self.prefix, len(self.tokens)
         for n in range(min(self.max_n, L), self.min_n - 1, -1):
-            e = self.tables[n - self.min_n].get(tuple(t[L - n:]))
+            key = (f[L - 1] - (f[L - 1 - n] if L > n else 0) * POW[n]) & MASK  # the last n tokens
+            e = self.tables[n - self.min_n].get(key)
             if e is not None:
                 return _copy_from(t, e + 1, k)
         return []
@@ -74,8 +86,8 @@ class NgramProposer:
     is_deterministic = True
 
     def __init__(self, min_n: int = 1, max_n: int = 4) -> None:
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"need 1 <= min_n <= max_n, got {min_n}, {max_n}")
+        if not 1 <= min_n <= max_n <= len(POW) - 1:
+            raise ValueError(f"need 1 <= min_n <= max_n <= {len(POW) - 1}, got {min_n}, {max_n}")
         self.min_n, self.max_n = min_n, max_n
         self._index: dict[str, _NgramIndex] = {}
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-import numpy as np
+from engine.spec.gram_hash import MASK as _MASK
+from engine.spec.gram_hash import NUMPY_FROM, gram_key, gram_keys, prefix_hashes, tail_key
+from engine.spec.gram_hash import POW as _POW
+
+__all__ = ["SEP", "Draft", "SuffixIndex", "gram_key", "match_generations"]
 
 SEP = -1  # separates sequences in a job index; never matched, ends continuations
 
@@ -40,43 +44,6 @@ class Draft:
         return s
 
 
-# N-gram keys: a polynomial hash of the tokens mod 2^30, computed from per-position prefix
-# hashes, so an n-gram's key costs one multiply-subtract instead of building and hashing a
-# tuple of n tokens, and a long append computes every key at C speed (numpy, mod 2^64, then
-# masked: the same value). 30 bits keep keys single-digit Python ints (cheaper arithmetic
-# than 64). A key shared by two n-grams (a 65k-entry table gives a lookup about one chance
-# in 16,000) only merges their occurrences: a draft may be wrong, and verification rejects it.
-_MASK = (1 << 30) - 1
-_P = 0x9E3779B97F4A7C15 & _MASK  # odd: invertible mod 2^64, hence mod 2^30
-_PINV = pow(0x9E3779B97F4A7C15, -1, 1 << 64)
-_POW = [pow(_P, n, 1 << 30) for n in range(max(DEFAULT_LENGTHS) + 1)]
-_NUMPY_FROM = 48  # tokens appended at once from which numpy beats the Python loop
-
-
-def gram_key(gram: list[int] | tuple[int, ...]) -> int:
-    """The index key of an n-gram (what `SuffixIndex.tables[n]` is keyed by)."""
-    h = 0
-    for x in gram:
-        h = (h * _P + x + 2) & _MASK
-    return h
-
-
-def _prefix_hashes(new: list[int], f0: int) -> list[int]:
-    """Prefix hashes continuing from f0 over new tokens: F[j] = F[j-1] * P + token + 2."""
-    if len(new) < _NUMPY_FROM:
-        out = []
-        for x in new:
-            f0 = (f0 * _P + x + 2) & _MASK
-            out.append(f0)
-        return out
-    # F[j] = P^(j+1) * (f0 + sum_{k<=j} a_k * P^-(k+1)): cumulative sums and products wrap
-    # mod 2^64 in uint64; masked to 30 bits that is the Python loop's value.
-    a = np.asarray(new, dtype=np.int64).astype(np.uint64) + np.uint64(2)
-    pw = np.cumprod(np.full(len(a), 0x9E3779B97F4A7C15, dtype=np.uint64))
-    pinv = np.cumprod(np.full(len(a), _PINV, dtype=np.uint64))
-    return ((pw * (np.cumsum(a * pinv) + np.uint64(f0))) & np.uint64(_MASK)).tolist()
-
-
 class SuffixIndex:
     """Append-only token store with an n-gram -> occurrence-end-positions index, per length
     in the ladder; n-grams are keyed by `gram_key`."""
@@ -95,18 +62,11 @@ class SuffixIndex:
 
     def _extend(self, new: list[int]) -> None:
         self.tokens.extend(new)
-        self.prefix.extend(_prefix_hashes(new, self.prefix[-1] if self.prefix else 0))
+        self.prefix.extend(prefix_hashes(new, self.prefix[-1] if self.prefix else 0))
 
     def _keys(self, n: int, lo: int, stop: int) -> list[int]:
         """Keys of the n-grams ending at lo..stop-1 (lo >= n - 1)."""
-        pw = _POW[n]
-        if stop - lo < _NUMPY_FROM:
-            f = self.prefix
-            return [(f[e] - (f[e - n] if e >= n else 0) * pw) & _MASK for e in range(lo, stop)]
-        f = np.array(self.prefix[max(0, lo - n):stop], dtype=np.int64)
-        cur = f[len(f) - (stop - lo):]
-        prev = f[:stop - lo] if lo >= n else np.concatenate((np.zeros(1, np.int64), f[:stop - lo - 1]))
-        return ((cur - prev * pw) & _MASK).tolist()
+        return gram_keys(self.prefix, n, lo, stop)
 
     def append(self, new_tokens: list[int], index_last: bool = False) -> None:
         """Add tokens. The final token is indexed only when `index_last` (it has no follower
@@ -115,7 +75,7 @@ class SuffixIndex:
         self.has_sep = self.has_sep or SEP in new_tokens
         t, check_sep = self.tokens, self.has_sep
         stop = len(t) - (0 if index_last else 1)
-        if not check_sep and stop - self.indexed_to >= _NUMPY_FROM:
+        if not check_sep and stop - self.indexed_to >= NUMPY_FROM:
             for n in self.lengths:  # one length at a time, keys at C speed
                 lo = max(self.indexed_to, n - 1)
                 if lo < stop:
@@ -186,8 +146,7 @@ class SuffixIndex:
 
     def tail_key(self, n: int) -> int:
         """The key of this index's last n tokens (n <= len), from two prefix hashes."""
-        f, e = self.prefix, len(self.prefix) - 1
-        return (f[e] - (f[e - n] if e >= n else 0) * _POW[n]) & _MASK
+        return tail_key(self.prefix, n)
 
     def longest(self, context: list[int], tail: "SuffixIndex | None" = None
                 ) -> tuple[int, int | tuple[int, ...] | None]:
