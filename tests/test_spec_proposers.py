@@ -423,3 +423,21 @@ def test_controller_acceptances_equal_acceptance_per_request():
     c.record_guess("r35", True)
     assert c.acceptances(ids) == [c.acceptance(rid) for rid in ids]
     assert len(set(c.acceptances(ids))) > 3  # new, idle and trained requests alike
+
+
+def test_controller_numpy_allocation_equals_the_python_loop():
+    """Past `numpy_from` drafts the controller allocates with numpy: the same k per request as
+    the Python sort and scan, for any acceptance, caps, discounts, threshold and overhead."""
+    import random
+    rng = random.Random(0)
+    for _ in range(600):
+        c = SpecController(max_k=rng.choice([4, 8]), min_gain=rng.choice([1.0, 1.02, 1.1]),
+                           sync_factor=rng.choice([0.0, 0.5, 2.0]))
+        B = rng.choice([1, 3, 20, 40, 100, 200, 256])
+        acc = [rng.choice([0.5, rng.uniform(0, 0.99), 0.9]) for _ in range(B)]
+        caps = [rng.randrange(0, c.max_k + 1) for _ in range(B)]
+        disc = [rng.uniform(0.2, 1) for _ in range(B)] if rng.random() < 0.5 else None
+        c.numpy_from = 10 ** 9
+        py = c._allocate(acc, caps, disc)
+        c.numpy_from = 0
+        assert c._allocate(acc, caps, disc) == py

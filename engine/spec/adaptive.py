@@ -19,6 +19,8 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 StepCost = Callable[[int], float]
 
 
@@ -231,9 +233,16 @@ class SpecController:
             self._forget_idle(request_ids, k)
         return k
 
+    # From this many drafts in a step's choice, numpy allocates them (the same k, bit for bit:
+    # sequential products and sums in float64, a stable sort): at batch 200 with k = 8 the
+    # Python sort and scan took 171 us a call on the dev CPU, a tenth of a bf16 step on the H200.
+    numpy_from = 160  # (below it the Python loop is faster: 12 us against 21 at 64 drafts)
+
     def _allocate(self, acceptance: list[float], caps: list[int],
                   discount: list[float] | None = None) -> list[int]:
         B = len(acceptance)
+        if type(self.step_cost) is StepCostModel and sum(caps) >= self.numpy_from:
+            return self._allocate_numpy(acceptance, caps, discount)
         # The marginal expected tokens of every draft a request could get, best first (a
         # stable sort: ties go to the earlier request).
         gains: list[float] = []
@@ -254,6 +263,38 @@ class SpecController:
         for j in order[:self._best_count([gains[j] for j in order], B)]:
             k[owner[j]] += 1
         return k
+
+    def _allocate_numpy(self, acceptance: list[float], caps: list[int],
+                        discount: list[float] | None = None) -> list[int]:
+        """`_allocate` and `_best_count` (the fixed cost model's scan) over arrays."""
+        B, K = len(acceptance), max(max(caps), 0)
+        k = np.zeros(B, dtype=np.int64)
+        if K == 0:
+            return k.tolist()
+        # gains[i, j] = discount_i * a_i^(j+1), multiplied in the order the Python loop does
+        steps = np.empty((B, K + 1))
+        steps[:, 0] = discount if discount is not None else 1.0
+        steps[:, 1:] = np.asarray(acceptance, dtype=np.float64)[:, None]
+        gains = np.cumprod(steps, axis=1)[:, 1:]
+        valid = np.arange(K)[None, :] < np.asarray(caps)[:, None]
+        g, owner = gains[valid], np.nonzero(valid)[0]  # request-major, as the Python loop lists them
+        if g.size == 0:
+            return k.tolist()
+        order = np.argsort(-g, kind="stable")
+        cost = self.step_cost
+        plain = cost(B)
+        base = B / plain
+        sync = self.sync_cost(B) * plain
+        tokens = B + np.cumsum(g[order])
+        n = B + np.arange(1, g.size + 1)
+        rate = tokens / (np.where(n > cost.knee_tokens, n / cost.knee_tokens, 1.0) + cost.per_token * n + sync)
+        falls = np.nonzero(rate[1:] < rate[:-1])[0]
+        scanned = rate[:falls[0] + 1] if falls.size else rate  # the scan stops at the first fall
+        m = int(np.argmax(scanned))
+        if not (scanned[m] > base and scanned[m] >= base * self.min_gain):
+            return k.tolist()
+        np.add.at(k, owner[order[:m + 1]], 1)
+        return k.tolist()
 
     def _best_count(self, gains: list[float], B: int) -> int:
         """How many of the drafts (marginal gains, best first) to verify in a step of B
