@@ -441,3 +441,17 @@ def test_controller_numpy_allocation_equals_the_python_loop():
         py = c._allocate(acc, caps, disc)
         c.numpy_from = 0
         assert c._allocate(acc, caps, disc) == py
+
+
+def test_controller_can_pay_with_numpy_equals_the_python_scan():
+    import random
+    rng = random.Random(1)
+    for _ in range(400):
+        c = SpecController(max_k=rng.choice([4, 8]), min_gain=rng.choice([1.0, 1.02, 1.1]),
+                           sync_factor=rng.choice([0.0, 0.5, 2.0]))
+        B, a = rng.choice([1, 8, 20, 32, 64, 100, 200, 256]), rng.uniform(0, 0.99)
+        c.numpy_from = 10 ** 9
+        py = c.can_pay(B, a)
+        c._can_pay.clear()
+        c.numpy_from = 0
+        assert c.can_pay(B, a) == py

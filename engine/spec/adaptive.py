@@ -153,8 +153,12 @@ class SpecController:
                 self._can_pay.clear()
             # Every request alike: the j-th drafts of all of them come before any (j+1)-th, so
             # the gains are in order without sorting (1,280 of them at batch 256).
-            gains = [a ** j for j in range(1, self.max_k + 1) for _ in range(batch)]
-            ok = self._can_pay[key] = self._best_count(gains, batch) > 0
+            per = [a ** j for j in range(1, self.max_k + 1)]
+            if type(self.step_cost) is StepCostModel and batch * self.max_k >= self.numpy_from:
+                ok = self._best_count_numpy(np.repeat(per, batch), batch) > 0
+            else:
+                ok = self._best_count([g for g in per for _ in range(batch)], batch) > 0
+            self._can_pay[key] = ok
         return ok
 
     def observe_step(self, batch: int, rows: int, drafted: bool, overlapped: bool, seconds: float,
@@ -281,20 +285,23 @@ class SpecController:
         if g.size == 0:
             return k.tolist()
         order = np.argsort(-g, kind="stable")
+        m = self._best_count_numpy(g[order], B)
+        np.add.at(k, owner[order[:m]], 1)
+        return k.tolist()
+
+    def _best_count_numpy(self, gains: np.ndarray, B: int) -> int:
+        """`_best_count` for the fixed cost model, over an array of gains (best first)."""
         cost = self.step_cost
         plain = cost(B)
         base = B / plain
         sync = self.sync_cost(B) * plain
-        tokens = B + np.cumsum(g[order])
-        n = B + np.arange(1, g.size + 1)
+        tokens = np.cumsum(np.concatenate(([float(B)], gains)))[1:]  # (B + g1) + g2 ..., as the loop adds
+        n = B + np.arange(1, gains.size + 1)
         rate = tokens / (np.where(n > cost.knee_tokens, n / cost.knee_tokens, 1.0) + cost.per_token * n + sync)
         falls = np.nonzero(rate[1:] < rate[:-1])[0]
         scanned = rate[:falls[0] + 1] if falls.size else rate  # the scan stops at the first fall
         m = int(np.argmax(scanned))
-        if not (scanned[m] > base and scanned[m] >= base * self.min_gain):
-            return k.tolist()
-        np.add.at(k, owner[order[:m + 1]], 1)
-        return k.tolist()
+        return m + 1 if scanned[m] > base and scanned[m] >= base * self.min_gain else 0
 
     def _best_count(self, gains: list[float], B: int) -> int:
         """How many of the drafts (marginal gains, best first) to verify in a step of B
