@@ -92,6 +92,22 @@ def test_a_long_job_indexes_each_output_once():
     assert len(indexed) == 400 and sum(indexed) == 400 * 9
 
 
+def test_one_proposal_call_indexes_at_most_max_per_read_queued_outputs():
+    """The job's generations are read once per call, so a call for many requests of the job
+    indexes no more queued outputs than one read may (a probe at a large batch's tail stalled
+    a step indexing hundreds when every request's match read them)."""
+    from engine.spec.suffix import SuffixProposer, _JobIndex
+    p = SuffixProposer()
+    for i in range(40):
+        p.on_finished(f"r{i}", [900, 901, 902, 1000 + i, 903] * 4, job_id="job")
+    job = p._jobs["job"]
+    assert isinstance(job, _JobIndex) and len(job._queued) == 40
+    ids = [f"n{i}" for i in range(12)]
+    drafts = p.propose(ids, [[7, 8, 900, 901]] * 12, [2] * 12, job_ids=["job"] * 12)
+    assert len(job._queued) == 40 - job.max_per_read
+    assert all(d[:1] == [902] for d in drafts)  # (the template, from the outputs indexed)
+
+
 def test_a_job_index_leaves_nothing_for_the_garbage_collector_to_scan():
     """Occurrences of repeated n-grams live in tuples of ints, which the collector stops
     tracking: a job index of repetitive outputs (hundreds of thousands of repeated n-grams in
