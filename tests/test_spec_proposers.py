@@ -455,3 +455,21 @@ def test_controller_can_pay_with_numpy_equals_the_python_scan():
         c._can_pay.clear()
         c.numpy_from = 0
         assert c.can_pay(B, a) == py
+
+
+def test_can_pay_past_64_never_rejects_what_the_exact_batch_could_pay():
+    """Past 64 requests the check answers for the batch rounded down to a multiple of 8: never
+    stricter than the exact batch (a smaller batch pays at least as easily), and the same answer
+    below 64."""
+    import random
+    rng = random.Random(3)
+    for _ in range(60):
+        c = SpecController(max_k=8, sync_factor=rng.choice([0.0, 0.3, 0.5, 2.0]), min_gain=rng.choice([1.02, 1.1]))
+        a = rng.uniform(0.05, 0.99)
+        per = [a ** j for j in range(1, 9)]
+        for B in range(1, 300, 7):
+            exact = c._best_count([g for g in per for _ in range(B)], B) > 0
+            got = c.can_pay(B, a - 0.005)  # (can_pay rounds the acceptance up to 2 digits)
+            assert got or not exact
+            if B <= 64:
+                assert got == exact or round(a, 2) > a
