@@ -91,6 +91,20 @@ def test_ngram_long_appends_equal_reference():
             assert p.propose(["r"], [h], [5]) == [ngram_propose_reference(h, 5, min_n, max_n)]
 
 
+@given(toks=st.lists(st.integers(0, 4), min_size=0, max_size=120), ns=st.tuples(st.integers(1, 3), st.integers(0, 3)))
+def test_ngram_first_look_search_equals_reference_and_builds_the_tables_next(toks, ns):
+    """A request's first proposal searches with numpy (no tables); the second builds the tables.
+    Both answer as the definition does."""
+    min_n, max_n = ns[0], ns[0] + ns[1]
+    p = NgramProposer(min_n, max_n)
+    assert p.propose(["r"], [toks], [4]) == [ngram_propose_reference(toks, 4, min_n, max_n)]
+    idx = p._index["r"]
+    assert not any(idx.tables) and not idx.lazy
+    h = toks + [1]
+    assert p.propose(["r"], [h], [4]) == [ngram_propose_reference(h, 4, min_n, max_n)]
+    assert any(idx.tables) or len(h) <= min_n
+
+
 def test_ngram_step_cost_is_incremental():
     p = NgramProposer(1, 4)
     hist = [i % 5000 for i in range(50_000)]

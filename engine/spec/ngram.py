@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.spec.gram_hash import MASK, POW, P, gram_keys, prefix_hashes
 
 
@@ -26,6 +28,10 @@ class _NgramIndex:
     # of the suffix always finds an *earlier* occurrence.
     tables: list[dict[int, int]] = field(default_factory=list)
     indexed_to: int = 0  # end positions < indexed_to are in the tables
+    # The first proposal searches the history with numpy instead of building the tables, which
+    # the next sync builds: at a large batch most requests are looked at once (a probe, a plan
+    # that found nothing), and a prompt's tables cost several times the search.
+    lazy: bool = True
 
     def __post_init__(self) -> None:
         self.tables = [{} for _ in range(self.max_n - self.min_n + 1)]
@@ -35,6 +41,7 @@ class _NgramIndex:
         if len(history) < len(t) or (t and history[len(t) - 1] != t[-1]):
             self.tokens, self.prefix, self.indexed_to = [], [], 0  # history rewritten: rebuild
             self.tables = [{} for _ in self.tables]
+            self.lazy = True
             t = self.tokens
         f = self.prefix
         if len(history) == len(t) + 1 and f:  # one new token (most calls): no slicing, no call
@@ -45,6 +52,8 @@ class _NgramIndex:
             new = history[len(t):]
             t.extend(new)
             f.extend(prefix_hashes(new, f[-1] if f else 0))
+        if self.lazy:
+            return
         last = len(t) - 1  # newest token has no follower yet
         if 0 < last - self.indexed_to <= 2 and self.indexed_to >= self.max_n:
             # A step's worth of new tokens: keys inline (most calls; e >= max_n >= n here).
@@ -62,12 +71,33 @@ class _NgramIndex:
         self.indexed_to = max(self.indexed_to, last)
 
     def propose(self, k: int) -> list[int]:
+        if self.lazy:
+            self.lazy = False
+            return self._search(k)
         t, f, L = self.tokens, self.prefix, len(self.tokens)
         for n in range(min(self.max_n, L), self.min_n - 1, -1):
             key = (f[L - 1] - (f[L - 1 - n] if L > n else 0) * POW[n]) & MASK  # the last n tokens
             e = self.tables[n - self.min_n].get(key)
             if e is not None:
                 return _copy_from(t, e + 1, k)
+        return []
+
+
+    def _search(self, k: int) -> list[int]:
+        """`propose` without the tables: the keys of every n-gram with a follower at C speed,
+        the latest one equal to the tail's (the tables' answer, collisions included)."""
+        t, L = self.tokens, len(self.tokens)
+        if L < 2:
+            return []
+        f = np.asarray(self.prefix, dtype=np.int64)
+        for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
+            # n-grams ending at n-1 .. L-2; the one ending at e is (f[e] - f[e-n] * P^n) mod 2^30
+            prev = np.concatenate((np.zeros(1, np.int64), f[:L - 1 - n]))
+            keys = (f[n - 1:L - 1] - prev * POW[n]) & MASK
+            tail = (self.prefix[L - 1] - (self.prefix[L - 1 - n] if L > n else 0) * POW[n]) & MASK
+            hits = np.flatnonzero(keys == tail)
+            if hits.size:
+                return _copy_from(t, int(hits[-1]) + n, k)
         return []
 
 
