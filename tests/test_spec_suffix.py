@@ -176,3 +176,30 @@ def test_suffix_keys_from_a_tail_index_match_keys_from_the_context():
         assert all(tail.tail_key(n) == gram_key(ctx[len(ctx) - n:]) for n in range(1, len(ctx) + 1))
         k = rng.randrange(1, 8)
         assert job.match(ctx, k, 0.1, 1.0, tail=tail) == job.match(ctx, k, 0.1, 1.0), trial
+
+
+def test_a_held_index_matches_as_the_indexed_one_does():
+    """A request's first look holds its history without indexing it; numpy scans answer the
+    lookups. Every match (context, k, overlap) equals the indexed index's, including repeated
+    n-grams past max_occ occurrences; the next append indexes everything."""
+    import random
+
+    from engine.spec.suffix_index import SuffixIndex
+    rng = random.Random(4)
+    for trial in range(120):
+        vocab = rng.choice([3, 6, 40])
+        hist = [rng.randrange(vocab) for _ in range(rng.randint(0, 400))]
+        held, full = SuffixIndex(8, 4), SuffixIndex(8, 4)
+        held.hold(hist)
+        full.append(hist)
+        assert held.lazy and not any(held.tables.values())
+        for _ in range(6):
+            k = rng.randint(1, 8)
+            ctx = hist[-rng.randint(1, 32):] if hist else []
+            a = held.match(ctx, k, 0.1, 1.0, self_overlap=True, tail=held)
+            b = full.match(ctx, k, 0.1, 1.0, self_overlap=True, tail=full)
+            assert (a.tokens, a.probs, a.match_len) == (b.tokens, b.probs, b.match_len), trial
+        more = [rng.randrange(vocab) for _ in range(3)]
+        held.append(more)
+        full.append(more)
+        assert not held.lazy and held.tables == full.tables

@@ -49,10 +49,16 @@ def gram_keys(prefix: list[int], n: int, lo: int, stop: int) -> list[int]:
     if stop - lo < NUMPY_FROM:
         f = prefix
         return [(f[e] - (f[e - n] if e >= n else 0) * pw) & MASK for e in range(lo, stop)]
-    f = np.array(prefix[max(0, lo - n):stop], dtype=np.int64)
-    cur = f[len(f) - (stop - lo):]
-    prev = f[:stop - lo] if lo >= n else np.concatenate((np.zeros(1, np.int64), f[:stop - lo - 1]))
-    return ((cur - prev * pw) & MASK).tolist()
+    return gram_keys_array(np.array(prefix[max(0, lo - n):stop], dtype=np.int64), n, lo - max(0, lo - n),
+                           stop - max(0, lo - n)).tolist()
+
+
+def gram_keys_array(f: np.ndarray, n: int, lo: int, stop: int) -> np.ndarray:
+    """`gram_keys` over an int64 array of prefix hashes (positions relative to its start; a
+    position before it counts as the empty prefix only where lo < n)."""
+    cur = f[lo:stop]
+    prev = f[lo - n:stop - n] if lo >= n else np.concatenate((np.zeros(n - lo, np.int64), f[:stop - n]))
+    return (cur - prev * POW[n]) & MASK
 
 
 def tail_key(prefix: list[int], n: int) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.spec.gram_hash import MASK, POW, P, gram_keys, prefix_hashes
+from engine.spec.gram_hash import MASK, POW, P, gram_keys, gram_keys_array, prefix_hashes
 
 
 @dataclass
@@ -91,9 +91,7 @@ class _NgramIndex:
             return []
         f = np.asarray(self.prefix, dtype=np.int64)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
-            # n-grams ending at n-1 .. L-2; the one ending at e is (f[e] - f[e-n] * P^n) mod 2^30
-            prev = np.concatenate((np.zeros(1, np.int64), f[:L - 1 - n]))
-            keys = (f[n - 1:L - 1] - prev * POW[n]) & MASK
+            keys = gram_keys_array(f, n, n - 1, L - 1)  # the n-grams ending at n-1 .. L-2
             tail = (self.prefix[L - 1] - (self.prefix[L - 1 - n] if L > n else 0) * POW[n]) & MASK
             hits = np.flatnonzero(keys == tail)
             if hits.size:

@@ -95,8 +95,10 @@ class SuffixProposer:
         idx = self._req.get(rid)
         if idx is not None and (len(hist) < len(idx) or (len(idx) and hist[len(idx) - 1] != idx.tokens[-1])):
             idx = None  # history rewritten: rebuild
-        if idx is None:
+        if idx is None:  # a first look: held, not indexed (numpy scans answer it; see `hold`)
             idx = self._req[rid] = SuffixIndex(self.request_depth, self.max_occ)
+            idx.hold(hist)
+            return idx
         if len(hist) > len(idx):
             idx.append(hist[len(idx):])
         return idx

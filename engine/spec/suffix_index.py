@@ -13,8 +13,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from engine.spec.gram_hash import MASK as _MASK
-from engine.spec.gram_hash import NUMPY_FROM, gram_key, gram_keys, prefix_hashes, tail_key
+from engine.spec.gram_hash import NUMPY_FROM, gram_key, gram_keys, gram_keys_array, prefix_hashes, tail_key
 from engine.spec.gram_hash import POW as _POW
 
 __all__ = ["SEP", "Draft", "SuffixIndex", "gram_key", "match_generations"]
@@ -56,6 +58,11 @@ class SuffixIndex:
         self.tables: dict[int, dict[int, int | tuple[int, ...]]] = {n: {} for n in self.lengths}
         self.indexed_to = 0  # end positions < indexed_to are indexed
         self.has_sep = False  # request indexes never hold SEP: skip the per-gram check
+        # Tokens held but not indexed yet (`hold`): lookups scan them with numpy until the next
+        # append indexes everything. A request's first look is often its only one at a large
+        # batch (a probe), and indexing a prompt costs about ten scans.
+        self.lazy = False
+        self._lazy_f: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -68,9 +75,18 @@ class SuffixIndex:
         """Keys of the n-grams ending at lo..stop-1 (lo >= n - 1)."""
         return gram_keys(self.prefix, n, lo, stop)
 
+    def hold(self, tokens: list[int]) -> None:
+        """Take the tokens of a new request's history without indexing them (an empty index
+        only): until the next `append`, lookups answer as if `append(tokens)` had indexed them."""
+        if self.tokens:
+            raise ValueError("hold is for an empty index")
+        self._extend(tokens)
+        self.lazy, self._lazy_f = True, None
+
     def append(self, new_tokens: list[int], index_last: bool = False) -> None:
         """Add tokens. The final token is indexed only when `index_last` (it has no follower
         yet in a live request; indexing it would make the context match itself)."""
+        self.lazy, self._lazy_f = False, None  # (indexed_to is still 0: everything is indexed now)
         self._extend(new_tokens)
         self.has_sep = self.has_sep or SEP in new_tokens
         t, check_sep = self.tokens, self.has_sep
@@ -173,12 +189,26 @@ class SuffixIndex:
                 for m in range(len(hs), n + 1):
                     hs.append((hs[-1] + (context[C - m] + 2) * _POW[m - 1]) & _MASK)
                 key = hs[n]
-            found = tables[n].get(key)
+            found = tables[n].get(key) if not self.lazy else self._scan(n, key)
             if found is None:
                 hi = mid
             else:
                 occ, n_match, lo = found, n, mid + 1
         return n_match, occ
+
+    def _scan(self, n: int, key: int) -> int | tuple[int, ...] | None:
+        """A held index's lookup: the latest `max_occ` end positions < len - 1 of n-grams with
+        this key (what `match` reads of a table's entry), by a numpy scan."""
+        L = len(self.tokens)
+        if L - 1 <= n - 1:
+            return None
+        if self._lazy_f is None:
+            self._lazy_f = np.asarray(self.prefix, dtype=np.int64)
+        hits = np.flatnonzero(gram_keys_array(self._lazy_f, n, n - 1, L - 1) == key)
+        if not hits.size:
+            return None
+        ends = (hits[-self.max_occ:] + (n - 1)).tolist()
+        return ends[0] if len(ends) == 1 else tuple(ends)
 
     def match(
         self,
