@@ -158,11 +158,12 @@ class SpecDecoder:
         # steps about 0.3 ms each on the H200's host: 2.73 ms against 2.46 ms for plain ones.)
         self.probe_every, self.probe_max, self.probe_budget, self._probe_tick = 4, 64, 128, 0
         self._drafted: list[Request] = []  # requests given drafts this step
-        # The proposer's first look at a request indexes its whole prompt (about 0.5 us a token
-        # on the host). Past `first_look_from` decoding requests, a step looks first at no more
-        # than `first_look_tokens` of history: on the H200, batch 256 rewriting fell to 187
-        # requests near its end, the controller planned drafts on its prior for most of them,
-        # and one step spent 25 ms indexing their prompts (the step itself: 5.5 ms).
+        # The proposer's first look at a request reads its whole prompt (a numpy scan now; it
+        # was an index build, about 0.5 us a token, and the index is still built at the second
+        # look). Past `first_look_from` decoding requests, a step looks first at no more than
+        # `first_look_tokens` of history: on the H200, batch 256 rewriting fell to 187 requests
+        # near its end, the controller planned drafts on its prior for most of them, and one
+        # step spent 25 ms indexing their prompts (the step itself: 5.5 ms).
         self.first_look_from, self.first_look_tokens = 64, 2048
         self._seen: set[str] = set()  # requests the proposer has looked at
         self._live: dict[str | None, int] = {}  # job id -> its requests in the engine
