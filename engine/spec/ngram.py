@@ -82,7 +82,6 @@ class _NgramIndex:
                 return _copy_from(t, e + 1, k)
         return []
 
-
     def _search(self, k: int) -> list[int]:
         """`propose` without the tables: the keys of every n-gram with a follower at C speed,
         the latest one equal to the tail's (the tables' answer, collisions included)."""
