@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.spec.gram_hash import MASK, POW, P, gram_keys, gram_keys_array, prefix_hashes
+from engine.spec.gram_hash import MASK, POW, P, gram_keys, gram_keys_array, prefix_hashes, tail_key
 
 
 @dataclass
@@ -91,8 +91,7 @@ class _NgramIndex:
         f = np.asarray(self.prefix, dtype=np.int64)
         for n in range(min(self.max_n, L - 1), self.min_n - 1, -1):
             keys = gram_keys_array(f, n, n - 1, L - 1)  # the n-grams ending at n-1 .. L-2
-            tail = (self.prefix[L - 1] - (self.prefix[L - 1 - n] if L > n else 0) * POW[n]) & MASK
-            hits = np.flatnonzero(keys == tail)
+            hits = np.flatnonzero(keys == tail_key(self.prefix, n))
             if hits.size:
                 return _copy_from(t, int(hits[-1]) + n, k)
         return []

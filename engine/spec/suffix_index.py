@@ -71,10 +71,6 @@ class SuffixIndex:
         self.tokens.extend(new)
         self.prefix.extend(prefix_hashes(new, self.prefix[-1] if self.prefix else 0))
 
-    def _keys(self, n: int, lo: int, stop: int) -> list[int]:
-        """Keys of the n-grams ending at lo..stop-1 (lo >= n - 1)."""
-        return gram_keys(self.prefix, n, lo, stop)
-
     def hold(self, tokens: list[int]) -> None:
         """Take the tokens of a new request's history without indexing them (an empty index
         only): until the next `append`, lookups answer as if `append(tokens)` had indexed them."""
@@ -124,7 +120,7 @@ class SuffixIndex:
         """Index the n-grams ending at lo..stop-1 (keys at C speed for a long run). (Putting
         runs with no repeated n-gram in at C speed, `dict.update`, was slower: job outputs
         share n-grams with earlier ones, so the check mostly failed.)"""
-        self._insert_all(self.tables[n], self._keys(n, lo, stop), range(lo, stop))
+        self._insert_all(self.tables[n], gram_keys(self.prefix, n, lo, stop), range(lo, stop))
 
     def _insert_all(self, table: dict, keys, ends) -> None:
         """Record each n-gram's end position (one length's table). `append`'s loop for a step's
