@@ -33,6 +33,11 @@ MAX_ROWS_AS_DECODE = 16
 # (rows of one sequence read the same blocks, mostly from L2): about 280k positions on SmolLM2.
 MAX_DECODE_ROW_READS = 65536
 MAX_DECODE_ROW_READ_BYTES = 6 << 30
+# The decode graphs cover at least this many rows, for those admissions: sized for the batch alone
+# (32 rows at max_num_seqs = 32, no speculation) every admission mid-run went eager. Measured on
+# the H200, SmolLM2 fp32, open chat at batch 32: 25 eager admissions of about 15 ms, 370 of a
+# run's 1,371 ms, where the speculating engines (graphs to 288 rows) replayed theirs in ~3 ms.
+ADMISSION_GRAPH_ROWS = 256
 # Decode steps with at least this many rows try shared-prefix (cascade) attention on the GPU;
 # below it attention is a small part of the step and the plan's host time would not pay.
 CASCADE_MIN_ROWS = 32
@@ -466,8 +471,12 @@ def decode_graph_sizes(max_num_seqs: int, num_speculative_tokens: int = 0) -> li
     its own (up to MAX_ROWS_AS_DECODE per request), so with speculation the graphs cover
     max_num_seqs times that, up to 512 rows: past the largest graph a step runs eagerly, about
     10 ms of launches on SmolLM2 (measured on the H100: batch 8 drafting 4 tokens each, 40 rows,
-    took 14 ms a step with graphs up to 32 rows, against about 4 ms through a graph)."""
+    took 14 ms a step with graphs up to 32 rows, against about 4 ms through a graph). Admissions
+    while others decode run their prefill chunks as decode rows too, so the graphs cover at least
+    ADMISSION_GRAPH_ROWS whenever two requests can run at once."""
     rows = 1 + min(num_speculative_tokens, MAX_ROWS_AS_DECODE - 1)
     top = min(max_num_seqs * rows, 512)
+    if max_num_seqs > 1:
+        top = max(top, ADMISSION_GRAPH_ROWS)
     sizes = [s for s in (1, 2, 4, 8) if s <= top] + list(range(16, top + 1, 16))
     return sizes if sizes[-1] == top else sizes + [top]

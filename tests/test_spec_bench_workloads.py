@@ -34,3 +34,14 @@ def test_the_proposer_ceiling_walks_outputs_as_verification_would():
     with_job = ceiling(SuffixProposer, pair, k=4, job="j")
     without = ceiling(SuffixProposer, pair, k=4, job=None)
     assert with_job["steps"] < without["steps"] == 60
+
+
+def test_paired_speedup_cancels_a_slow_phase_that_covers_a_round():
+    """Round 2 ran while the host was slow for both modes: best-of-runs would pair the off run of a
+    fast round with whichever run of the method was fastest; the paired median reads each round
+    against itself."""
+    from bench.spec import _paired
+    off = [100.0, 60.0, 100.0]
+    method = [90.0, 54.0, 91.0]
+    assert abs(_paired(method, off) - 0.9) < 1e-9
+    assert _paired([120.0, 50.0, 80.0], [100.0, 100.0, 100.0]) == 0.8

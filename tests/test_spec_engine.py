@@ -144,11 +144,11 @@ def test_decode_graphs_cover_every_verification_row():
     rows; graphs sized for b alone sent those steps down the eager path (14 ms a step at batch
     8 on SmolLM2, against about 4 ms through a graph)."""
     from engine.model_runner import MAX_ROWS_AS_DECODE, decode_graph_sizes
-    assert decode_graph_sizes(32) == [1, 2, 4, 8, 16, 32]
-    assert max(decode_graph_sizes(32, 4)) == 160
-    assert max(decode_graph_sizes(8, 4)) == 40
+    assert decode_graph_sizes(1) == [1] and decode_graph_sizes(1, 4) == [1, 2, 4, 5]
+    assert max(decode_graph_sizes(32, 4)) == 256 == max(decode_graph_sizes(8, 4))  # admissions' floor
+    assert max(decode_graph_sizes(32, 8)) == 288
     assert max(decode_graph_sizes(256, 4)) == 512 == max(decode_graph_sizes(4096))
-    assert max(decode_graph_sizes(8, 20)) == 8 * MAX_ROWS_AS_DECODE  # longer drafts verify as extend rows
+    assert max(decode_graph_sizes(20, 20)) == 20 * MAX_ROWS_AS_DECODE  # longer drafts verify as extend rows
     sizes = decode_graph_sizes(100, 3)
     assert sizes == sorted(set(sizes)) and sizes[-1] == 400 and all(s % 16 == 0 for s in sizes if s > 8)
 
