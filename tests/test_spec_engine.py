@@ -761,3 +761,60 @@ def test_admissions_cut_to_fit_a_graph_keep_speculation_exact(method):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert eng.stats()["spec_accepted"] > 0
     assert len(mixed) >= 3 and all(dec and n <= 80 for dec, n in mixed)
+
+
+def test_speculation_learns_a_step_cost_from_the_call_that_launched_it():
+    """With overlap a step finishes in the call after the one that launched it. The cost the
+    governor and controller learn from is the launching call's duration, so a speculating
+    step's lookahead (here a proposer made 30 ms slow) is charged to that step, not to the step
+    before it (a plain one at every switch of mode, which made plain decoding look slow)."""
+    import time as _time
+    prompts = copy_heavy_prompts(4)
+    eng = tiny_engine("llama", speculative_method="ngram", num_speculative_tokens=4, async_scheduling=True)
+    eng.spec.governor = None
+    prop = eng.spec.proposer
+    real = prop.propose
+    slow_calls: set[int] = set()
+    call = [0]
+
+    def slow_propose(*a, **kw):
+        slow_calls.add(call[0])
+        _time.sleep(0.03)
+        return real(*a, **kw)
+    prop.propose = slow_propose
+    finishing, costs = [None], {}
+    real_finish = eng._finish
+
+    def finish(fl, *a, **kw):
+        finishing[0] = fl
+        return real_finish(fl, *a, **kw)
+    eng._finish = finish
+    real_observe = eng.spec.observe
+
+    def observe(batch, spec_mode, tokens, seconds, *a, **kw):
+        costs[id(finishing[0])] = seconds
+        return real_observe(batch, spec_mode, tokens, seconds, *a, **kw)
+    eng.spec.observe = observe
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    launched_in, durations = {}, {}
+    while eng.has_unfinished():
+        call[0] += 1
+        t0 = _time.perf_counter()
+        eng.step()
+        durations[call[0]] = _time.perf_counter() - t0
+        if eng._inflight is not None:
+            launched_in[id(eng._inflight)] = call[0]
+    checked = slow = 0
+    for fid, seconds in costs.items():
+        c = launched_in.get(fid)
+        if c is None:
+            continue  # (launched and finished in one call: no overlap to attribute)
+        assert 0 <= durations[c] - seconds < 0.005  # the launching call's duration
+        if c in slow_calls:
+            assert seconds >= 0.03
+            slow += 1
+        elif c + 1 in slow_calls:
+            assert seconds < 0.03  # the next call's lookahead is not this step's cost
+        checked += 1
+    assert checked >= 5 and slow >= 1
