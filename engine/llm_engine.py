@@ -40,8 +40,6 @@ class _Inflight:
         self.speculated = False  # verified drafts: `packed` holds tokens and accepted counts
         self.burst = 1  # decode steps run back to back (`packed` holds every step's tokens)
         self.t_start = t0  # when the step() call that launched it began (before any drafting)
-        # That call's whole duration (async output): what speculation learns a step's cost from.
-        self.call_s: float | None = None
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
         self.num_running = 0  # running requests when it was planned (the governor's batch size)
@@ -241,8 +239,6 @@ class LLMEngine:
             # the finished decode step's period, which says nothing about decode steps then.
             tainted = launched is not None and launched is not done and launched.inp.has_prefill
             outputs.extend(self._finish(done, tainted))
-        if launched is not None and launched is not done:
-            launched.call_s = time.perf_counter() - t_start
         return outputs
 
     def _wait_inflight(self) -> list[RequestOutput]:
@@ -378,14 +374,8 @@ class LLMEngine:
         if self.spec is not None:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
             # a speculating-mode step whose proposer found nothing still paid for its planning,
-            # and counting it as plain would make plain decoding look slow. With overlap the
-            # cost is the duration of the call that launched it: its lookahead, its wait for the
-            # step before and its proposal. (The period between finishes charged that call's
-            # lookahead to the step before it, a plain one at every switch of mode. On the H200
-            # in bf16 at batch 32, suffix drafting periods were 3.9 plain steps while the
-            # controller's learned overhead hovered at 0.3-1.6, and JSON ran at 0.84x.)
-            cost = fl.call_s if fl.call_s is not None else period
-            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, cost,
+            # and counting it as plain would make plain decoding look slow.
+            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
                               decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted,
                               running=fl.num_running, job=fl.spec_job)
