@@ -25,6 +25,7 @@ import argparse
 import random
 import statistics
 import time
+from collections import defaultdict
 
 import torch
 
@@ -63,6 +64,7 @@ def kernel_orders(batch: int, context: int, pool: int, layers: int) -> None:
 
 
 def engine_runs(variant: str, runs: int, batch: int, pool: int) -> None:
+    from bench.profile_spec import _timed
     from engine.block_manager import FreeBlockQueue
     from engine.llm_engine import LLMEngine
     from engine.models.shapes import dummy_model_dir
@@ -70,22 +72,11 @@ def engine_runs(variant: str, runs: int, batch: int, pool: int) -> None:
     eng = LLMEngine(dummy_model_dir("smollm2-135m"), tokenizer=None, load_format="dummy", dtype="bfloat16",
                     max_num_seqs=batch, max_model_len=2048, num_gpu_blocks_override=pool,
                     kv_cache_memory=1 << 30)
-    acc: dict[str, float] = {}
-
-    def timed(obj, name: str) -> None:
-        fn = getattr(obj, name)
-
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
-        setattr(obj, name, wrapper)
+    acc: dict[str, float] = defaultdict(float)
     bm = eng.block_manager
     for name in ("allocate_slots", "free", "cache_full_blocks", "get_computed_blocks"):
-        timed(bm, name)
-    timed(eng.scheduler, "schedule")
+        _timed(bm, name, acc)
+    _timed(eng.scheduler, "schedule", acc)
     rng = random.Random(0)
     sp = SamplingParams(max_tokens=128, temperature=0, detokenize=False, ignore_eos=True)
     for run in range(runs):
