@@ -203,3 +203,30 @@ def test_a_held_index_matches_as_the_indexed_one_does():
         held.append(more)
         full.append(more)
         assert not held.lazy and held.tables == full.tables
+
+
+def test_a_single_occurrence_drafts_the_tokens_that_follow_it():
+    """The one-occurrence shortcut in `match` (copying from a prompt) gives what the general
+    continuation loop gives: the tokens after the occurrence, cut at a separator, each with
+    probability 1; near the store's end the loop still runs (periodic text drafts from itself)."""
+    from engine.spec.suffix_index import SEP, SuffixIndex
+    prompt = list(range(100, 160))
+    idx = SuffixIndex(8, 32)
+    idx.append(prompt + [107, 108, 109])  # the context ends with 107 108 109: once in the prompt
+    d = idx.match(idx.tokens[-8:], 8, 0.1, 1.0, self_overlap=True, tail=idx)
+    assert d.tokens == list(range(110, 113)) and d.probs == [1.0] * 3 and d.match_len == 3
+    # a longer match allows a longer draft (capped by the match length times spec_factor)
+    idx.append([110, 111, 112, 113, 114])
+    d = idx.match(idx.tokens[-8:], 8, 0.1, 1.0, self_overlap=True, tail=idx)
+    assert d.tokens == list(range(115, 123)) and d.match_len == 8
+    # a job index: a finished sequence's continuation stops at its separator
+    job = SuffixIndex(32, 32)
+    job.append_sequence([5, 6, 7, 8, 9, 10])
+    job.append_sequence([20, 21, 22])
+    d = job.match([1, 2, 7, 8], 8, 0.1, 1.0)
+    assert d.tokens == [9, 10] and SEP not in d.tokens
+    # periodic text: the occurrence runs into the store's end, so the draft continues itself
+    per = SuffixIndex(8, 32)
+    per.append([1, 2, 3, 1, 2, 3, 1, 2])
+    d = per.match(per.tokens[-8:], 6, 0.1, 1.0, self_overlap=True, tail=per)
+    assert d.tokens[:3] == [3, 1, 2]

@@ -225,8 +225,16 @@ class SuffixIndex:
             occ = (occ,)
         # A short match is weak evidence whatever its counts say: cap the draft by it.
         k = min(k, max(1, int(spec_factor * n_match)))
-        alive = occ[-self.max_occ:]
         t, L = self.tokens, len(self.tokens)
+        if len(occ) == 1 and occ[0] + k < L:
+            # One occurrence, followed in the store by k tokens (copying from a prompt, the
+            # common case): every probability is 1, so the draft is those tokens up to a SEP.
+            e = occ[0]
+            draft = t[e + 1:e + 1 + k]
+            if self.has_sep and SEP in draft:
+                draft = draft[:draft.index(SEP)]
+            return Draft(draft, [1.0] * len(draft), n_match)
+        alive = occ[-self.max_occ:]
         draft: list[int] = []
         probs: list[float] = []
         cum = 1.0
