@@ -16,7 +16,9 @@
 #   ab: the spec bench on several source trees in one call (SPEC_TREES)
 #   m: decode bursts (BURST_STEPS): SmolLM2-shape prefix b, c with cascade on, Qwen3-shape throughput
 #   g: engine GPU checks, then the full spec bench (three runs per mode, draft pair); BF16_CHECK=1 adds the bf16 checks
-# Phases that need SmolLM2 (b, c, g, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
+#   f: the full spec bench in bf16 (three runs per mode, paired speedups; outputs counted, not checked)
+#   r: step-time drift over repeated runs, KV block order against host speed (no SmolLM2 needed)
+# Phases that need SmolLM2 (b, c, f, g, h, o, s, t, v, z) must follow, within 30 s, a call that carried .carry/p1
 # (every phase parks it); they carry .carry/p2 and .carry/wheels.
 set -uo pipefail
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -212,6 +214,16 @@ g)  # SmolLM2: the engine GPU checks, then the full spec bench with the draft-mo
     timeout ${BF16_TIMEOUT:-300} python -m pytest -q -m gpu tests/test_gpu_engine.py -k matches_transformers \
       > "$OUT/bf16.log" 2>&1; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/bf16.log" | tail -4
   fi
+  ;;
+f)  # SmolLM2 in bf16, the dtype users run: the full spec bench, no draft pair (SPEC_TRACE=1 traces it)
+  smollm2_ready && export PREFIXQ_HAVE_SMOLLM2=1 || echo "SmolLM2 not available"
+  log "spec bf16"; timeout ${SPEC_TIMEOUT:-300} python -m bench.spec --model smollm2 --dtype bfloat16 \
+    --greedy-check report --repeats ${SPEC_REPEATS:-3} --draft-pair= --name spec-smollm2-$CARD-bf16 \
+    ${SPEC_TRACE:+--trace $OUT/trace-bf16.jsonl} > "$OUT/spec-bf16.log" 2>&1
+  grep "^|" "$OUT/spec-bf16.log" | tail -${SPEC_LINES:-40}
+  ;;
+r)  # does a step slow down run after run (KV block order or the host's speed)?
+  log "run drift"; timeout ${DRIFT_TIMEOUT:-200} python -m bench.profile_run_drift 2>&1 | grep -v Warn
   ;;
 park)  # only park the GGUF's first half in /tmp, for the next call
   cp .carry/p1/gguf.part00 /tmp/ && ls -la /tmp/gguf.part00
