@@ -650,7 +650,7 @@ def test_token_slice_reads_prompt_outputs_and_drafts_as_one_sequence():
 
 def test_a_prefill_launch_is_not_charged_to_the_decode_step_finished_after_it():
     """With overlap, the step finished in a call ends after that call launched the next step. A
-    prefill launched eagerly (here made to cost 60 ms) must not be learned as the cost of the
+    prefill launched eagerly (here made to cost 1 s) must not be learned as the cost of the
     decode step finished after it: the governor's samples and the controller's plain-step
     time stay at decode-step cost, and greedy output is unchanged."""
     import time
@@ -664,7 +664,7 @@ def test_a_prefill_launch_is_not_charged_to_the_decode_step_finished_after_it():
 
     def slow_prefill(inp):
         if not inp.meta.is_decode:
-            time.sleep(0.06)
+            time.sleep(1.0)
         return forward(inp)
     eng.runner.forward = slow_prefill
     gov, ctl, seen = eng.spec.governor, eng.spec.controller, []
@@ -673,12 +673,19 @@ def test_a_prefill_launch_is_not_charged_to_the_decode_step_finished_after_it():
     ctl.observe_step = lambda *a, **kw: (seen.append(("ctl", a[4] if a[5] else 0.0)), observe_ctl(*a, **kw))
     tainted = []
     eng.spec.observe = lambda *a, **kw: (tainted.append(kw.get("tainted", False)), observe(*a, **kw))
-    spec = run_engine(eng, prompts, params)
+    import gc
+    gc.collect()
+    gc.disable()  # a full collection of this process's heap can stall a step for 0.3 s on its own
+    try:
+        spec = run_engine(eng, prompts, params)
+    finally:
+        gc.enable()
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert sum(tainted) >= 3  # admissions mid-run did land in decode steps' periods
     decode_samples = [sec for who, sec in seen]
-    assert decode_samples and max(decode_samples) < 0.05
-    assert all(s < 0.05 for s in ctl._plain_s.values())
+    # (a decode step takes a few ms, but on a loaded 2-core machine stalls of up to 0.45 s were seen)
+    assert decode_samples and max(decode_samples) < 0.8
+    assert all(s < 0.8 for s in ctl._plain_s.values())
 
 
 def test_a_step_with_prefill_rows_run_as_decode_rows_is_not_a_decode_sample():
