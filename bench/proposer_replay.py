@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 
 def record(path: str, workload: str, batch: int, requests: int, method: str, max_tokens: int,
@@ -73,7 +74,9 @@ def replay(path: str, repeats: int) -> dict:
         rec = pickle.load(f)
     best, same = None, True
     for _ in range(repeats):
-        prop = make_proposer(type("Eng", (), {"config": _Config(rec["method"], *rec["prompt_lookup"])})())
+        lo, hi = rec["prompt_lookup"]  # (what make_proposer reads of an engine's config)
+        cfg = SimpleNamespace(speculative_method=rec["method"], prompt_lookup_min=lo, prompt_lookup_max=hi)
+        prop = make_proposer(SimpleNamespace(config=cfg))
         gc.collect()
         total, calls, requests = 0.0, 0, 0
         for ev in rec["events"]:
@@ -91,15 +94,6 @@ def replay(path: str, repeats: int) -> dict:
             best = total
     return {"ms_per_call": best * 1e3 / calls, "us_per_request": best * 1e6 / requests, "calls": calls,
             "same_drafts": int(same)}
-
-
-class _Config:
-    """What `make_proposer` reads of an engine's config, for a proposer outside an engine."""
-
-    def __init__(self, method: str, lookup_min: int, lookup_max: int) -> None:
-        self.speculative_method = method
-        self.speculative_model = None
-        self.prompt_lookup_min, self.prompt_lookup_max = lookup_min, lookup_max
 
 
 def _run_tree(tree: str, path: str, repeats: int) -> dict:
