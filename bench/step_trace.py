@@ -59,8 +59,9 @@ class StepTrace:
             self._eager.append(B)
 
     def _host_ms(self) -> dict:
-        out = {f"{k}_ms": round(v * 1e3, 3) for k, v in self._host.items() if v}
-        self._host.clear()
+        # (swapped out first: a collection can start inside the loop, and its callback adds a key)
+        host, self._host = self._host, defaultdict(float)
+        out = {f"{k}_ms": round(v * 1e3, 3) for k, v in host.items() if v}
         if self._eager:  # rows of the forwards that ran eagerly since the last step
             out["eager_rows"] = sum(self._eager)
             self._eager.clear()

@@ -40,6 +40,9 @@ class _Inflight:
         self.speculated = False  # verified drafts: `packed` holds tokens and accepted counts
         self.burst = 1  # decode steps run back to back (`packed` holds every step's tokens)
         self.t_start = t0  # when the step() call that launched it began (before any drafting)
+        # Host time its call spent deciding and drafting before the step before it finished:
+        # that time lies in the earlier step's period, and is moved from it to this one's.
+        self.lead = 0.0
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
         self.num_running = 0  # running requests when it was planned (the governor's batch size)
@@ -127,6 +130,7 @@ class LLMEngine:
         # (seconds, decode-only, batch size, KV tokens read) per step, when a benchmark asks.
         self.step_log: list[tuple[float, bool, int, int]] | None = None
         self._last_finish = 0.0
+        self._lead = 0.0  # drafting time before a wait that finished the step in flight
         # Overlap host work with the GPU (steps that speculate run without it).
         a = self.config.async_scheduling
         self.async_output = a is True or (a == "auto" and self.device.type == "cuda")
@@ -198,7 +202,7 @@ class LLMEngine:
                         # Drafts after a verification still in flight would have to assume all
                         # of its drafts accepted, which holds too rarely; wait for it instead.
                         # After a plain step the drafts only assume its one token (a guess).
-                        outputs.extend(self._wait_inflight())
+                        outputs.extend(self._wait_inflight(t_start))
                     self.spec.draft_ahead(running)
                 else:
                     # Draft from the tokens on the host first: only if someone really has
@@ -207,15 +211,16 @@ class LLMEngine:
                     if self._inflight is None:
                         self.spec.draft_ahead(running)
                     elif self.spec.draft_ahead(running, will_wait=True):
-                        outputs.extend(self._wait_inflight())  # (deciding gave out no drafts)
+                        outputs.extend(self._wait_inflight(t_start))  # (deciding gave out no drafts)
                         self.spec.draft_ahead(running)
             else:
                 plan = self.spec.plan(self.scheduler.running)
                 if plan:
-                    outputs.extend(self._wait_inflight())
+                    outputs.extend(self._wait_inflight(t_start))
                     drafted = self.spec.propose(plan)
                     overlap = self.async_output and not drafted
         t0 = time.perf_counter()
+        lead, self._lead = self._lead, 0.0  # (set where a wait above finished the step in flight)
         batch = self.scheduler.schedule()
         for req in batch.errors:
             self._forget(req)
@@ -229,6 +234,10 @@ class LLMEngine:
             launched.spec_job = self.spec.decided_job if self.spec is not None else None
             launched.t_start = t_start
             launched.overlapped = overlap and self._inflight is not None
+        if overlap and self._inflight is not None:
+            lead = t0 - t_start  # the step in flight finishes below, after this call's drafting
+        if launched is not None:
+            launched.lead = lead
         if overlap:
             done, self._inflight = self._inflight, launched
         else:  # a drafting step already finished the one in flight; without async output there is none
@@ -238,16 +247,18 @@ class LLMEngine:
             # a prefill launched eagerly (~15 ms of kernel launches on SmolLM2) then lands in
             # the finished decode step's period, which says nothing about decode steps then.
             tainted = launched is not None and launched is not done and launched.inp.has_prefill
-            outputs.extend(self._finish(done, tainted))
+            outputs.extend(self._finish(done, tainted, lead if done is not launched else 0.0))
         return outputs
 
-    def _wait_inflight(self) -> list[RequestOutput]:
-        """Finish the step in flight now (before drafting), so every token is on the host."""
+    def _wait_inflight(self, t_start: float) -> list[RequestOutput]:
+        """Finish the step in flight now (before drafting), so every token is on the host.
+        `t_start`: when this step() call began (its drafting so far belongs to the next step)."""
         fl, self._inflight = self._inflight, None
         if fl is None:
             return []
         self.counters["spec_wait_steps"] += 1
-        return self._finish(fl)
+        self._lead = time.perf_counter() - t_start
+        return self._finish(fl, next_lead=self._lead)
 
     def _launch(self, batch, t0: float, burst: int = 1) -> "_Inflight":
         t1 = time.perf_counter()
@@ -315,9 +326,11 @@ class LLMEngine:
                                                              self.default_generator, offsets=offsets)
         return sample(logits, st, noise, want_lp)
 
-    def _finish(self, fl: "_Inflight", tainted: bool = False) -> list[RequestOutput]:
+    def _finish(self, fl: "_Inflight", tainted: bool = False, next_lead: float = 0.0) -> list[RequestOutput]:
         """The step's tokens reached the host: append, stop, free. `tainted`: its period holds
-        another step's launch, so the speculation governor and controller do not learn from it."""
+        another step's launch, so the speculation governor and controller do not learn from it.
+        `next_lead`: host time the next step's call spent deciding and drafting before this
+        finish (it belongs to that step, not to this one's period)."""
         host = fl.wait()
         t3 = time.perf_counter()
         now = time.monotonic()
@@ -370,7 +383,8 @@ class LLMEngine:
                 outputs.append(self._output(req, reason))
             else:
                 self.block_manager.cache_full_blocks(req)
-        period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter(), fl.burst)
+        period = self._record_step(fl.inp, fl.t_start, fl.t0, fl.t1, fl.t2, t3, time.perf_counter(), fl.burst,
+                                   fl.lead - next_lead)
         if self.spec is not None:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
             # a speculating-mode step whose proposer found nothing still paid for its planning,
@@ -381,7 +395,7 @@ class LLMEngine:
                               running=fl.num_running, job=fl.spec_job)
         return outputs
 
-    def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1) -> float:
+    def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1, moved: float = 0.0) -> float:
         tm = self.timings
         tm["steps"] += 1
         self.counters["steps"] += 1
@@ -391,8 +405,14 @@ class LLMEngine:
         tm["update_s"] += t4 - t3
         # The period between finished steps: with overlap, a step's own span covers two calls.
         # It starts when the step() call began (a drafting step's proposer time counts), or
-        # when the previous step finished, whichever is later.
-        period = t4 - max(t_start, self._last_finish)
+        # when the previous step finished, whichever is later. `moved`: drafting host time that
+        # lies in one step's period but was spent for the next (with overlap, a step finishes
+        # inside the next step's call, after that call decided and drafted): charged where it
+        # was spent. Unmoved, the plain step before a stretch of speculating ones carried the
+        # first one's drafting, and the last speculating step went without its successor's:
+        # the governor learned plain decoding as slow (H200, open chat at batch 32: 2.2-3.0 ms
+        # for plain steps of 1.1 ms) and kept speculation on at 0.78x.
+        period = t4 - max(t_start, self._last_finish) + moved
         if self.step_log is not None:
             m = inp.meta
             # (a burst logs each of its forwards, with an equal share of its period)

@@ -517,9 +517,9 @@ def test_drafting_steps_keep_the_overlap_and_stay_exact(method):
     early, chained = [], []
     wait, record = eng._wait_inflight, eng.spec.record
 
-    def spy_wait():
+    def spy_wait(t_start):
         early.append(eng._inflight is not None and eng._inflight.speculated)
-        return wait()
+        return wait(t_start)
 
     def spy_record(r, k, a, assumed, base):
         chained.append((len(assumed), a))
@@ -768,3 +768,40 @@ def test_admissions_cut_to_fit_a_graph_keep_speculation_exact(method):
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
     assert eng.stats()["spec_accepted"] > 0
     assert len(mixed) >= 3 and all(dec and n <= 80 for dec, n in mixed)
+
+
+def test_drafting_time_is_charged_to_the_step_it_drafted_for():
+    """With overlap, a step finishes inside the next step's call, after that call has decided and
+    drafted (and, where drafts are due, waited for it). That drafting belongs to the next step:
+    the plain step before a speculating one must not carry it, and the last speculating step
+    before plain ones must not go without it. Here each speculating-mode call drafts for 0.6 s
+    (0.3 s before its wait for the step in flight, 0.3 s after it)."""
+    import gc
+    import time
+
+    eng = tiny_engine("llama", max_num_seqs=4, async_scheduling=True, speculative_method="ngram",
+                      num_speculative_tokens=3)
+    spec = eng.spec
+    modes = iter([False] * 5 + [True] * 4 + [False] * 4 + [True] * 3 + [False] * 100)
+    spec.should_speculate = lambda n: next(modes)
+
+    def slow_draft(running, will_wait=False):
+        time.sleep(0.3)
+        return will_wait  # wait for the step in flight, then draft nothing
+
+    spec.draft_ahead = slow_draft
+    seen: list[tuple[bool, float]] = []
+    observe = spec.governor.observe
+    spec.governor.observe = lambda b, m, tok, sec, *rest: (seen.append((m, sec)), observe(b, m, tok, sec, *rest))
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in range(4)]
+    gc.collect()
+    gc.disable()  # (a full collection can stall a step for 0.3 s on a loaded machine)
+    try:
+        run_engine(eng, mixed_prompts(4, 256, 8, 16, seed=3), params)
+    finally:
+        gc.enable()
+    plain = [s for m, s in seen if not m]
+    drafting = [s for m, s in seen if m]
+    assert len(drafting) >= 6 and len(plain) >= 8
+    assert min(drafting) >= 0.6, drafting
+    assert max(plain) < 0.3, plain

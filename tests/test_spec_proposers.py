@@ -487,3 +487,18 @@ def test_can_pay_past_64_never_rejects_what_the_exact_batch_could_pay():
             assert got or not exact
             if B <= 64:
                 assert got == exact or round(a, 2) > a
+
+
+def test_a_full_batch_and_one_a_request_short_of_it_share_a_bucket():
+    """Batches sit at max_num_seqs (commonly a power of two) or just below it as requests finish
+    and are replaced: both must be judged from one set of samples. Buckets end at powers of two."""
+    from engine.spec.adaptive import batch_bucket
+    for top in (2, 4, 8, 16, 32, 64, 128, 256):
+        assert batch_bucket(top) == batch_bucket(top - 1 if top > 2 else top) == batch_bucket(top // 2 + 1)
+        assert batch_bucket(top + 1) == batch_bucket(top) + 1
+    assert batch_bucket(1) != batch_bucket(2)
+    c = SpecController(max_k=8)
+    c._sync[batch_bucket(32)] = 3.0  # learned at 32: prices 17-32, and a batch of 129 is not 128's
+    assert c.sync_cost(30) == 3.0 and c.sync_cost(33) == c.sync_factor
+    c.can_pay(129)
+    assert all(key[0] >= 129 for key in c._can_pay)

@@ -25,8 +25,12 @@ StepCost = Callable[[int], float]
 
 
 def batch_bucket(batch: int) -> int:
-    """Batch sizes measured together (powers of two): step times within one are alike."""
-    return max(1, batch).bit_length()
+    """Batch sizes measured together, step times within one being alike: 1, 2, 3-4, 5-8, ...,
+    17-32, ... A bucket ends at its power of two because batches do: with max_num_seqs = 32
+    the batch moves between 32 (after an admission) and 31 or 30 (a request finished), and
+    with buckets that began at 32, those steps were judged in two buckets, each from the few
+    samples the other left it (H200, open chat at batch 32)."""
+    return max(0, batch - 1).bit_length()
 
 
 @dataclass
@@ -146,11 +150,11 @@ class SpecController:
         makes the step compute-bound), the per-request choice is skipped: it would cost host
         time every step for nothing."""
         a = min(0.99, round(acceptance + 0.005, 2))  # (rounded up: never rejects what could pay)
-        # Past 64, the batch rounded down to a multiple of 8 (a smaller batch pays more easily,
-        # and a power of two stays in its bucket): as a large batch finishes, a request or a few
-        # a step, each size was a cache miss, about 60 us a step on the dev CPU.
+        # Past 64, the batch rounded down to a multiple of 8 (a smaller batch pays more easily),
+        # not below its bucket (whose learned overhead prices it): as a large batch finishes, a
+        # request or a few a step, each size was a cache miss, about 60 us a step on the dev CPU.
         if batch > 64:
-            batch -= batch % 8
+            batch = max(batch - batch % 8, (1 << (batch_bucket(batch) - 1)) + 1)
         key = (batch, round(self.sync_cost(batch), 1), a)
         ok = self._can_pay.get(key)
         if ok is None:
