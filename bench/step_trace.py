@@ -73,11 +73,11 @@ class StepTrace:
                            "decode": bool(m.is_decode), **self._host_ms()})
 
     def _on_observe(self, _out, batch, spec_mode, tokens, seconds, rows=0, drafted=False, overlapped=False,
-                    decode_only=True, tainted=False, running=0, job=None) -> None:
+                    decode_only=True, tainted=False, running=0, job=None, early=False) -> None:
         c = self.eng.spec.controller
         self.steps.append({"ms": round(seconds * 1e3, 3), "batch": batch, "running": running, "spec": bool(spec_mode),
                            "tokens": tokens, "rows": rows, "drafted": bool(drafted), "overlapped": bool(overlapped),
-                           "decode": bool(decode_only), "tainted": bool(tainted), "sync": round(c.sync_cost(batch), 3),
+                           "decode": bool(decode_only), "tainted": bool(tainted), "early": bool(early), "sync": round(c.sync_cost(batch), 3),
                            **self._host_ms()})
 
     def take(self) -> list[dict]:

@@ -247,7 +247,9 @@ class LLMEngine:
             # a prefill launched eagerly (~15 ms of kernel launches on SmolLM2) then lands in
             # the finished decode step's period, which says nothing about decode steps then.
             tainted = launched is not None and launched is not done and launched.inp.has_prefill
-            outputs.extend(self._finish(done, tainted, lead if done is not launched else 0.0))
+            # (with nothing launched after it, as at a run's end, its period holds no launch)
+            outputs.extend(self._finish(done, tainted, lead if done is not launched else 0.0,
+                                        early=overlap and launched is None))
         return outputs
 
     def _wait_inflight(self, t_start: float) -> list[RequestOutput]:
@@ -258,7 +260,7 @@ class LLMEngine:
             return []
         self.counters["spec_wait_steps"] += 1
         self._lead = time.perf_counter() - t_start
-        return self._finish(fl, next_lead=self._lead)
+        return self._finish(fl, next_lead=self._lead, early=True)
 
     def _launch(self, batch, t0: float, burst: int = 1) -> "_Inflight":
         t1 = time.perf_counter()
@@ -326,11 +328,13 @@ class LLMEngine:
                                                              self.default_generator, offsets=offsets)
         return sample(logits, st, noise, want_lp)
 
-    def _finish(self, fl: "_Inflight", tainted: bool = False, next_lead: float = 0.0) -> list[RequestOutput]:
+    def _finish(self, fl: "_Inflight", tainted: bool = False, next_lead: float = 0.0,
+                early: bool = False) -> list[RequestOutput]:
         """The step's tokens reached the host: append, stop, free. `tainted`: its period holds
         another step's launch, so the speculation governor and controller do not learn from it.
         `next_lead`: host time the next step's call spent deciding and drafting before this
-        finish (it belongs to that step, not to this one's period)."""
+        finish (it belongs to that step, not to this one's period). `early`: finished before a
+        next step was launched (by that call's wait), so its period holds no launch."""
         host = fl.wait()
         t3 = time.perf_counter()
         now = time.monotonic()
@@ -392,7 +396,7 @@ class LLMEngine:
             self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
                               decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted,
-                              running=fl.num_running, job=fl.spec_job)
+                              running=fl.num_running, job=fl.spec_job, early=early)
         return outputs
 
     def _record_step(self, inp, t_start, t0, t1, t2, t3, t4, burst: int = 1, moved: float = 0.0) -> float:

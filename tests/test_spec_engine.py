@@ -793,6 +793,10 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for():
     seen: list[tuple[bool, float]] = []
     observe = spec.governor.observe
     spec.governor.observe = lambda b, m, tok, sec, *rest: (seen.append((m, sec)), observe(b, m, tok, sec, *rest))
+    plain_steps: list[float] = []  # the controller's samples of steps without drafts
+    observe_ctl = spec.controller.observe_step
+    spec.controller.observe_step = lambda b, rows, drafted, ov, sec, *rest: (
+        plain_steps.append(sec) if not drafted else None, observe_ctl(b, rows, drafted, ov, sec, *rest))
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in range(4)]
     gc.collect()
     gc.disable()  # (a full collection can stall a step for 0.3 s on a loaded machine)
@@ -805,3 +809,6 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for():
     assert len(drafting) >= 6 and len(plain) >= 8
     assert min(drafting) >= 0.6, drafting
     assert max(plain) < 0.3, plain
+    # A step finished by the wait of a speculating call, before that call launched its step,
+    # has a period without a launch (a fraction of a plain step's): it is no plain-step sample.
+    assert min(plain_steps) > 0.2 * sorted(plain)[len(plain) // 2], sorted(plain_steps)
