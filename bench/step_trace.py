@@ -32,6 +32,7 @@ class StepTrace:
         self._wrap(spec, "on_finished", timer="on_finished")
         self._wrap(eng, "_wait_inflight", timer="wait")
         self._wrap(spec, "observe", self._on_observe)
+        self._wrap(spec, "take_build_seconds", self._on_build)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
@@ -51,6 +52,9 @@ class StepTrace:
                 after(out, *a, **kw)
             return out
         setattr(obj, name, wrapper)
+
+    def _on_build(self, seconds) -> None:
+        self._host["build"] += seconds  # (index builds, left out of the step's learned time)
 
     def _on_forward(self, _out, inp) -> None:
         r = self.eng.runner

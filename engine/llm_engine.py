@@ -43,6 +43,7 @@ class _Inflight:
         # Host time its call spent deciding and drafting before the step before it finished:
         # that time lies in the earlier step's period, and is moved from it to this one's.
         self.lead = 0.0
+        self.build_s = 0.0  # of its period, the proposer's one-time index builds (not learned from)
         self.overlapped = False  # launched while the previous step was still in flight
         self.spec_mode = False  # the governor had speculation on when this step was planned
         self.num_running = 0  # running requests when it was planned (the governor's batch size)
@@ -232,6 +233,8 @@ class LLMEngine:
         if launched is not None:
             launched.spec_mode, launched.num_running = spec_mode, num_running
             launched.spec_job = self.spec.decided_job if self.spec is not None else None
+            if self.spec is not None:
+                launched.build_s = self.spec.take_build_seconds()
             launched.t_start = t_start
             launched.overlapped = overlap and self._inflight is not None
         if overlap and self._inflight is not None:
@@ -393,7 +396,7 @@ class LLMEngine:
             # Credit the step to the mode the governor chose, not to whether drafts appeared:
             # a speculating-mode step whose proposer found nothing still paid for its planning,
             # and counting it as plain would make plain decoding look slow.
-            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period,
+            self.spec.observe(len(fl.sample_reqs), fl.spec_mode, emitted, period - fl.build_s,
                               rows=sum(fl.inp.rows_per_req), drafted=fl.speculated, overlapped=fl.overlapped,
                               decode_only=fl.inp.meta.is_decode and not fl.inp.has_prefill, tainted=tainted,
                               running=fl.num_running, job=fl.spec_job, early=early)

@@ -210,6 +210,13 @@ class SpecDecoder:
         if self.adaptive and self.engine.async_output and (drafted or not early):
             self.controller.observe_step(batch, rows or batch, drafted, overlapped, seconds, decode_only)
 
+    def take_build_seconds(self) -> float:
+        """Seconds the proposer spent on one-time index builds since the last call."""
+        s = getattr(self.proposer, "build_seconds", 0.0)
+        if s:
+            self.proposer.build_seconds = 0.0
+        return s
+
     def clear_drafts(self) -> None:
         """Drop drafts a request was given but not scheduled with (they follow an older history)."""
         for r in self._drafted:

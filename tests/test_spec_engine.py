@@ -812,3 +812,44 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for():
     # A step finished by the wait of a speculating call, before that call launched its step,
     # has a period without a launch (a fraction of a plain step's): it is no plain-step sample.
     assert min(plain_steps) > 0.2 * sorted(plain)[len(plain) // 2], sorted(plain_steps)
+
+
+def test_one_time_index_builds_are_not_learned_as_drafting_cost():
+    """The suffix proposer indexes a request's whole history at its second look (and a job's
+    finished outputs when a proposal reads them): a one-time cost, which the governor and the
+    controller must not learn as what drafting costs from then on. Here every such build is
+    made to take 0.3 s; no sample may carry it, and output is unchanged."""
+    import gc
+    import time
+
+    from engine.spec.suffix_index import SuffixIndex
+
+    prompts = copy_heavy_prompts(6)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = run_engine(tiny_engine("llama", max_num_seqs=3), prompts, sp)
+    eng = tiny_engine("llama", max_num_seqs=3, async_scheduling=True, speculative_method="suffix",
+                      num_speculative_tokens=3)
+    builds = []
+    append = SuffixIndex.append
+
+    def slow_build(self, new_tokens, index_last=False):
+        if self.lazy:
+            builds.append(len(new_tokens))
+            time.sleep(0.3)
+        return append(self, new_tokens, index_last)
+
+    seen: list[float] = []
+    observe_gov, observe_ctl = eng.spec.governor.observe, eng.spec.controller.observe_step
+    eng.spec.governor.observe = lambda b, m, tok, sec, *rest: (seen.append(sec), observe_gov(b, m, tok, sec, *rest))
+    eng.spec.controller.observe_step = lambda *a, **kw: (seen.append(a[4]), observe_ctl(*a, **kw))
+    gc.collect()
+    gc.disable()
+    try:
+        SuffixIndex.append = slow_build
+        out = run_engine(eng, prompts, sp)
+    finally:
+        SuffixIndex.append = append
+        gc.enable()
+    assert [o.token_ids for o in out] == [o.token_ids for o in plain]
+    assert seen and max(seen) < 0.2, sorted(seen)[-5:]
+    assert len(builds) >= 3  # (learned as drafting's cost, the first one stopped the proposer's looks)

@@ -7,6 +7,9 @@ Contract:
 - Return at most `k[i]` tokens per request; fewer or none is fine (k[i] == 0 -> []).
 - `on_finished` frees per-request state (call it on finish *and* abort); proposers that
   learn across a job (suffix) use the outputs there.
+- Optional: a `build_seconds` attribute, the seconds spent so far on one-time index builds,
+  which the engine reads and resets after each step's drafting and leaves out of what it
+  learns drafting costs.
 """
 from __future__ import annotations
 
