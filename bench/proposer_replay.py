@@ -5,8 +5,10 @@ took 1.7 ms per drafting step (twelfth session, `docs/benchmarks.md`): its host 
 whether it pays there. This records every call an engine makes into its proposer (the
 histories, the tokens asked, the jobs, the finished outputs, in order) during a real run, then
 replays the recording into a fresh proposer of this tree and of `--baseline-rev` (unpacked with
-`git archive`, run in a subprocess), timing the calls and checking that both propose the same
-drafts as the recorded run.
+`git archive`, run in a subprocess), timing the calls, checking whether both propose the same
+drafts as the recorded run (`--require-same-drafts` fails otherwise: for changes meant to be
+exact), and counting the drafted tokens each request's real continuation holds (for changes to
+what is drafted).
 
     python -m bench.proposer_replay --record /tmp/json-b32.pkl      # SmolLM2 on the CPU, minutes
     python -m bench.proposer_replay --replay /tmp/json-b32.pkl --baseline-rev c165560
@@ -64,16 +66,37 @@ def record(path: str, workload: str, batch: int, requests: int, method: str, max
     print(f"recorded {calls} calls, {len(events) - calls} finished outputs, acceptance {fig['acceptance']:.2f} -> {path}")
 
 
+def continuations(rec: dict) -> dict[str, list[int]]:
+    """Each request's whole sequence (prompt and output) as the recorded run produced it: its
+    longest history seen, with its finished output laid over the output tokens it ends with."""
+    full: dict[str, list[int]] = {}
+    for ev in rec["events"]:
+        if ev[0] == "propose":
+            for rid, h in zip(ev[1], ev[2]):
+                if len(h) > len(full.get(rid, ())):
+                    full[rid] = h
+    for ev in rec["events"]:
+        if ev[0] == "finished":
+            rid, out = ev[1], ev[2]
+            h = full.get(rid, [])
+            m = next(m for m in range(min(len(out), len(h)), -1, -1) if h[len(h) - m:] == out[:m])
+            full[rid] = h[:len(h) - m] + list(out)
+    return full
+
+
 def replay(path: str, repeats: int) -> dict:
     """This process's `engine` proposer on the recording: seconds per call (the fastest of
-    `repeats` replays) and whether every call proposed what the recorded run did."""
+    `repeats` replays), whether every call proposed what the recorded run did, and how many
+    drafted tokens the request's real continuation has at their place (`matched_tokens`, of
+    `proposed_tokens`): what a change to what the proposer drafts gains or loses."""
     import gc
 
     from engine.spec_decode import make_proposer
     with open(path, "rb") as f:
         rec = pickle.load(f)
-    best, same = None, True
-    for _ in range(repeats):
+    truth = continuations(rec)
+    best, same, matched, proposed = None, True, 0, 0
+    for rep in range(repeats):
         lo, hi = rec["prompt_lookup"]  # (what make_proposer reads of an engine's config)
         cfg = SimpleNamespace(speculative_method=rec["method"], prompt_lookup_min=lo, prompt_lookup_max=hi)
         prop = make_proposer(SimpleNamespace(config=cfg))
@@ -90,10 +113,15 @@ def replay(path: str, repeats: int) -> dict:
             calls += 1
             requests += len(ids)
             same = same and got == out
+            if rep == 0:
+                for rid, h, d in zip(ids, hists, got):
+                    real = truth[rid][len(h):len(h) + len(d)]
+                    n = next((j for j, (a, b) in enumerate(zip(d, real)) if a != b), min(len(d), len(real)))
+                    matched, proposed = matched + n, proposed + len(d)
         if best is None or total < best:
             best = total
     return {"ms_per_call": best * 1e3 / calls, "us_per_request": best * 1e6 / requests, "calls": calls,
-            "same_drafts": int(same)}
+            "same_drafts": int(same), "matched_tokens": matched, "proposed_tokens": proposed}
 
 
 def _run_tree(tree: str, path: str, repeats: int) -> dict:
@@ -116,6 +144,9 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--method", default="suffix")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--name", default=None, help="results file name (default: from the recording)")
+    ap.add_argument("--require-same-drafts", action="store_true",
+                    help="fail unless both trees propose the recorded drafts (a change meant to be exact)")
     ap.add_argument("--adaptive", action="store_true",
                     help="record with the controller on (probes and lookaheads as it plans them on the CPU)")
     args = ap.parse_args(argv)
@@ -136,15 +167,15 @@ def main(argv=None) -> dict | None:
     this, then = _run_tree(here, path, args.repeats), _run_tree(base, path, args.repeats)
     figures = {**this, "speedup": then["ms_per_call"] / this["ms_per_call"]}
     tag = f"{rec['method']}-{rec['workload']}-b{rec['batch']}" + ("-adaptive" if rec.get("adaptive") else "")
-    out = write_result(f"proposer-replay-{tag}-cpu", figures, then, device_name("cpu"), extra={"workload": {
+    out = write_result(args.name or f"proposer-replay-{tag}-cpu", figures, then, device_name("cpu"), extra={"workload": {
         k: rec[k] for k in ("method", "workload", "batch", "requests", "max_tokens")} | {
         "recording": "SmolLM2 fp32 on the CPU, async output, "
                      + ("the controller on" if rec.get("adaptive") else "drafting every step (adaptive off)"),
         "baseline": f"proposer at {args.baseline_rev}", "repeats": args.repeats}})
     print_table(f"proposer replay, {tag}, CPU", [("this tree", this), (args.baseline_rev, then)],
-                ["ms_per_call", "us_per_request", "calls", "same_drafts"])
+                ["ms_per_call", "us_per_request", "calls", "same_drafts", "matched_tokens", "proposed_tokens"])
     print(f"wrote {out}")
-    if not (this["same_drafts"] and then["same_drafts"]):
+    if args.require_same_drafts and not (this["same_drafts"] and then["same_drafts"]):
         raise SystemExit("a replay proposed different drafts from the recorded run")
     return figures
 

@@ -48,3 +48,27 @@ def test_a_replay_that_proposes_other_drafts_says_so(tmp_path):
     with open(path, "wb") as f:
         pickle.dump(rec, f)
     assert replay(str(path), 1)["same_drafts"] == 0
+
+
+def test_matched_tokens_count_the_drafts_the_real_continuation_holds(tmp_path):
+    """Every recorded draft of the test recording is checked against the request's real
+    continuation (its later history and finished output): the count is exact."""
+    from bench.proposer_replay import continuations, replay
+    path = tmp_path / "rec.pkl"
+    _recording(path)
+    with open(path, "rb") as f:
+        rec = pickle.load(f)
+    truth = continuations(rec)
+    want = proposed = 0
+    for ev in rec["events"]:
+        if ev[0] != "propose":
+            continue
+        for rid, h, d in zip(ev[1], ev[2], ev[5]):
+            assert truth[rid][:len(h)] == h
+            real = truth[rid][len(h):]
+            n = 0
+            while n < len(d) and n < len(real) and d[n] == real[n]:
+                n += 1
+            want, proposed = want + n, proposed + len(d)
+    fig = replay(str(path), 1)
+    assert fig["same_drafts"] == 1 and fig["matched_tokens"] == want > 0 and fig["proposed_tokens"] == proposed

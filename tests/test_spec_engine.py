@@ -775,8 +775,8 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for(waits):
     """With overlap, a step finishes inside the next step's call, after that call has decided and
     drafted (and, where drafts are due, waited for it). That drafting belongs to the next step:
     the plain step before a speculating one must not carry it, and the last speculating step
-    before plain ones must not go without it. Here each speculating-mode call drafts for 0.3 s
-    and, with `waits`, waits for the step in flight and drafts 0.3 s more (0.6 s in all)."""
+    before plain ones must not go without it. Here each speculating-mode call drafts for 0.5 s
+    and, with `waits`, waits for the step in flight and drafts 0.5 s more (1 s in all)."""
     import gc
     import time
 
@@ -787,17 +787,20 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for(waits):
     spec.should_speculate = lambda n: next(modes)
 
     def slow_draft(running, will_wait=False):
-        time.sleep(0.3)
+        time.sleep(0.5)
         return will_wait and waits  # (wait for the step in flight, then draft nothing)
 
     spec.draft_ahead = slow_draft
     seen: list[tuple[bool, float]] = []
     observe = spec.governor.observe
     spec.governor.observe = lambda b, m, tok, sec, *rest: (seen.append((m, sec)), observe(b, m, tok, sec, *rest))
-    plain_steps: list[float] = []  # the controller's samples of steps without drafts
+    early: list[bool] = []  # per step handed to the decoder: finished early, without drafts
+    observe_spec = spec.observe
+    spec.observe = lambda *a, **kw: (early.append(kw["early"] and not kw["drafted"]), observe_spec(*a, **kw))[1]
+    learned_early: list[bool] = []  # per plain-step sample of the controller: was it such a step?
     observe_ctl = spec.controller.observe_step
     spec.controller.observe_step = lambda b, rows, drafted, ov, sec, *rest: (
-        plain_steps.append(sec) if not drafted else None, observe_ctl(b, rows, drafted, ov, sec, *rest))
+        learned_early.append(early[-1]) if not drafted else None, observe_ctl(b, rows, drafted, ov, sec, *rest))
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in range(4)]
     gc.collect()
     gc.disable()  # (a full collection can stall a step for 0.3 s on a loaded machine)
@@ -808,18 +811,19 @@ def test_drafting_time_is_charged_to_the_step_it_drafted_for(waits):
     plain = [s for m, s in seen if not m]
     drafting = [s for m, s in seen if m]
     assert len(drafting) >= 6 and len(plain) >= 8
-    assert min(drafting) >= (0.6 if waits else 0.3), drafting
-    assert max(plain) < 0.3, plain
+    assert min(drafting) >= (1.0 if waits else 0.5), drafting
+    assert max(plain) < 0.5, plain  # (milliseconds; with two busy processes beside it, 0.2 s was seen)
     # A step finished by the wait of a speculating call, before that call launched its step,
-    # has a period without a launch (a fraction of a plain step's): it is no plain-step sample.
-    assert min(plain_steps) > 0.2 * sorted(plain)[len(plain) // 2], sorted(plain_steps)
+    # has a period without a launch (0.1-0.2 ms on the H200): it is no plain-step sample.
+    assert learned_early and not any(learned_early)
+    assert sum(early) >= (2 if waits else 0)  # (the plain step before each speculating stretch)
 
 
 def test_one_time_index_builds_are_not_learned_as_drafting_cost():
     """The suffix proposer indexes a request's whole history at its second look (and a job's
     finished outputs when a proposal reads them): a one-time cost, which the governor and the
     controller must not learn as what drafting costs from then on. Here every such build is
-    made to take 0.3 s; no step time the controller learns from may carry it (the governor is
+    made to take 1 s; no step time the controller learns from may carry it (the governor is
     handed the same times), and output is unchanged.
     (Learned as drafting's cost, the first build priced drafting out, and the proposer's looks
     stopped.)"""
@@ -840,7 +844,7 @@ def test_one_time_index_builds_are_not_learned_as_drafting_cost():
     def slow_build(self, new_tokens, index_last=False):
         if self.lazy:
             builds.append(len(new_tokens))
-            time.sleep(0.3)
+            time.sleep(1.0)
         return append(self, new_tokens, index_last)
 
     seen: list[float] = []
@@ -856,4 +860,5 @@ def test_one_time_index_builds_are_not_learned_as_drafting_cost():
         gc.enable()
     assert [o.token_ids for o in out] == [o.token_ids for o in plain]
     assert len(builds) >= 2 and seen
-    assert max(seen) < 0.2, sorted(seen)[-5:]
+    # (a step takes milliseconds; with two busy processes beside it, 0.2 s was seen)
+    assert max(seen) < 0.8, sorted(seen)[-5:]

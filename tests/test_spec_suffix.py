@@ -230,3 +230,52 @@ def test_a_single_occurrence_drafts_the_tokens_that_follow_it():
     per.append([1, 2, 3, 1, 2, 3, 1, 2])
     d = per.match(per.tokens[-8:], 6, 0.1, 1.0, self_overlap=True, tail=per)
     assert d.tokens[:3] == [3, 1, 2]
+
+
+def test_a_job_index_that_does_not_pay_is_read_only_to_recheck_it():
+    """A job index's drafts are scored once the request's real tokens arrive: the tokens by
+    which a draft it won matched better than the request's own. A job whose index keeps losing
+    reads it only every `recheck_every` calls (no indexing, no lookups in between); one whose
+    index wins keeps reading it; and a recheck that finds it winning again turns it back on."""
+    from engine.spec.suffix import SuffixProposer
+
+    p = SuffixProposer()
+    for i in range(20):  # outputs that continue [900, 901] with 902
+        p.on_finished(f"r{i}", [900, 901, 902, 903] * 3, job_id="job")
+    job = p._jobs["job"]
+    reads = []
+    real = type(job).indexes
+
+    class Counting(type(job)):
+        @property
+        def indexes(self):
+            reads.append(1)
+            return real.fget(self)
+    job.__class__ = Counting
+
+    def call(i: int, truth: int) -> list[int]:
+        # a request whose own history has no match for [900, 901]: the job index's draft wins
+        rid = f"n{i}"
+        d = p.propose([rid], [[7, 8, 900, 901]], [2], job_ids=["job"])[0]
+        p.propose([rid], [[7, 8, 900, 901, truth, 5]], [0], job_ids=["job"])  # its real tokens arrive: scored
+        p.on_finished(rid, [truth, 5], job_id=None)
+        return d
+
+    assert call(0, 902)[:1] == [902]
+    assert job.scored == 1 and job.gain > 0
+    for i in range(1, job.warm + 1):  # the job's requests go elsewhere: its drafts are wrong
+        call(i, 77)
+    assert job.gain < job.min_gain * job.scores
+    reads.clear()
+    drafts = [call(1000 + i, 77) for i in range(4 * job.recheck_every)]
+    assert 2 <= len(reads) <= 5  # (a recheck every `recheck_every` calls)
+    assert sum(1 for d in drafts if d) == len(reads)  # drafts only where the index was read
+    # the requests turn back to the job's template: rechecks score it winning, and it stays on
+    for i in range(40 * job.recheck_every):
+        call(5000 + i, 902)
+        if job.gain >= job.min_gain * job.scores:
+            break
+    reads.clear()
+    for i in range(10):
+        call(9000 + i, 902)
+    assert len(reads) == 10
