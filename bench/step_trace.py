@@ -81,8 +81,8 @@ class StepTrace:
         c = self.eng.spec.controller
         self.steps.append({"ms": round(seconds * 1e3, 3), "batch": batch, "running": running, "spec": bool(spec_mode),
                            "tokens": tokens, "rows": rows, "drafted": bool(drafted), "overlapped": bool(overlapped),
-                           "decode": bool(decode_only), "tainted": bool(tainted), "early": bool(early), "sync": round(c.sync_cost(batch), 3),
-                           **self._host_ms()})
+                           "decode": bool(decode_only), "tainted": bool(tainted), "early": bool(early),
+                           "sync": round(c.sync_cost(batch), 3), **self._host_ms()})
 
     def take(self) -> list[dict]:
         out, self.steps = self.steps, []

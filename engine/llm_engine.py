@@ -230,17 +230,15 @@ class LLMEngine:
         if self.spec is None and batch.requests:
             burst = burst_length(batch, self.config.num_scheduler_steps, self.max_model_len, self.block_manager)
         launched = self._launch(batch, t0, burst) if batch.requests else None
+        if overlap and self._inflight is not None:
+            lead = t0 - t_start  # the step in flight finishes below, after this call's drafting
         if launched is not None:
             launched.spec_mode, launched.num_running = spec_mode, num_running
             launched.spec_job = self.spec.decided_job if self.spec is not None else None
             if self.spec is not None:
                 launched.build_s = self.spec.take_build_seconds()
-            launched.t_start = t_start
+            launched.t_start, launched.lead = t_start, lead
             launched.overlapped = overlap and self._inflight is not None
-        if overlap and self._inflight is not None:
-            lead = t0 - t_start  # the step in flight finishes below, after this call's drafting
-        if launched is not None:
-            launched.lead = lead
         if overlap:
             done, self._inflight = self._inflight, launched
         else:  # a drafting step already finished the one in flight; without async output there is none

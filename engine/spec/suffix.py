@@ -119,7 +119,7 @@ class SuffixProposer:
         # request id -> (history length, the job index's draft where it won (else None), the
         # request index's draft, job id) where the job index was read for it: scored once its
         # history has grown past that length
-        self._consulted: dict[str, tuple[int, list[int], list[int], str]] = {}
+        self._consulted: dict[str, tuple[int, list[int] | None, list[int], str]] = {}
         # Seconds spent building indexes (a request's whole history at its second look, a
         # job's queued outputs), which the engine takes after each step's drafting: a one-time
         # cost per request or output, not what drafting costs from then on. (On the H200 in
@@ -136,12 +136,11 @@ class SuffixProposer:
             idx.hold(hist)
             return idx
         if len(hist) > len(idx):
-            if idx.lazy:  # its first indexing: the whole history
-                t0 = time.perf_counter()
-                idx.append(hist[len(idx):])
+            build = idx.lazy  # its first indexing: the whole history
+            t0 = time.perf_counter() if build else 0.0
+            idx.append(hist[len(idx):])
+            if build:
                 self.build_seconds += time.perf_counter() - t0
-            else:
-                idx.append(hist[len(idx):])
         return idx
 
     def propose_drafts(
